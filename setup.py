@@ -1,0 +1,34 @@
+"""instructrl: the InstructGPT pipeline (SFT -> RM -> PPO-ptx) in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="instructrl",
+    version="0.1.0",
+    description="InstructGPT (SFT, reward model, PPO-ptx) in JAX and Flax NNX.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["instructrl", "instructrl.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "ml_collections",
+        "einops",
+        "absl-py",
+        "numpy",
+    ],
+    extras_require={
+        "data": [
+            "tensorflow",
+            "tensorflow-datasets",
+            "seqio",
+            "sentencepiece",
+            "importlib_resources",
+        ],
+        "tpu": ["jax[tpu]"],
+        "dev": ["pytest", "pytest-xdist"],
+    },
+)

@@ -1,0 +1,10 @@
+"""Test setup: 8 fake CPU devices so mesh tests run in the same process.
+
+The flags must be set before jax is imported anywhere, hence here.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flag = "--xla_force_host_platform_device_count=8"
+if _flag not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
