@@ -1,0 +1,131 @@
+"""Shared pieces of the data layer: ids, records, errors, cache, hashing.
+
+Pure Python on purpose: everything here imports in milliseconds and never
+pulls in TensorFlow, so the world, the corpus and JSONL validation stay light.
+"""
+import dataclasses
+import hashlib
+import logging
+import os
+import tempfile
+from typing import Optional, Sequence
+
+# seqio's convention, shared by every vocabulary we build or accept.
+PAD_ID = 0
+EOS_ID = 1
+
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+  """Bad input data. The message is one line: `where: what is wrong`.
+
+  `where` is `file:line` for user files, or a synthetic location such as
+  `world:rm:train:12` for generated data, so the CLI can print it as is.
+  """
+
+  def __init__(self, where: str, what: str):
+    self.where = where
+    self.what = what
+    super().__init__(f"{where}: {what}" if where else what)
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+  """A pretraining document (plain text)."""
+  text: str
+  where: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Demo:
+  """A demonstration for SFT: the completion is the labeler's answer."""
+  prompt: str
+  completion: str
+  where: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """K >= 2 completions of one prompt, ranked: lower rank is preferred."""
+  prompt: str
+  completions: tuple[str, ...]
+  ranks: tuple[int, ...]
+  group: int = 0
+  where: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptRecord:
+  """A prompt without an answer (PPO rollouts and evaluation)."""
+  prompt: str
+  where: str = ""
+
+
+def default_cache_dir(cache_dir: Optional[str] = None) -> str:
+  """The caller's dir, else $INSTRUCTRL_CACHE, else ~/.cache/instructrl."""
+  if cache_dir:
+    return os.path.expanduser(cache_dir)
+  env = os.environ.get("INSTRUCTRL_CACHE")
+  if env:
+    return os.path.expanduser(env)
+  return os.path.join(os.path.expanduser("~"), ".cache", "instructrl")
+
+
+def atomic_write(path: str, data: bytes) -> None:
+  """Writes `path` so that readers see either nothing or the whole file.
+
+  Concurrent writers of the same deterministic content are harmless: the last
+  rename wins and every version is complete.
+  """
+  directory = os.path.dirname(path) or "."
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def stable_hash(*parts: object) -> int:
+  """A 64-bit hash that is the same in every process (unlike `hash`)."""
+  text = "\x1f".join(str(p) for p in parts)
+  return int.from_bytes(hashlib.md5(text.encode("utf-8")).digest()[:8], "big")
+
+
+def fingerprint(items: Sequence[str]) -> str:
+  """A short content hash of a list of strings (for cache keys and states)."""
+  h = hashlib.sha256()
+  for item in items:
+    h.update(item.encode("utf-8", "surrogatepass"))
+    h.update(b"\x00")
+  return h.hexdigest()[:16]
+
+
+class ErrorPolicy:
+  """Raise on the first bad record, or skip bad records and count them.
+
+  Skips are logged once per source with the first few locations, so a user
+  who chose `on_error="skip"` still sees what was dropped.
+  """
+
+  def __init__(self, on_error: str = "raise"):
+    if on_error not in ("raise", "skip"):
+      raise ValueError(f'on_error must be "raise" or "skip", got {on_error!r}')
+    self.on_error = on_error
+    self.skipped: list[DataError] = []
+
+  def handle(self, error: DataError) -> None:
+    if self.on_error == "raise":
+      raise error
+    self.skipped.append(error)
+
+  def report(self, what: str) -> None:
+    if self.skipped:
+      first = "; ".join(str(e) for e in self.skipped[:3])
+      logging.warning("skipped %d bad records in %s (first: %s)",
+                      len(self.skipped), what, first)

@@ -1,0 +1,186 @@
+"""Device mesh, the logical-axis rules, and sharding helpers.
+
+Every parameter and main activation carries logical axis names (e.g.
+("embed", "mlp")). `RULES` maps each name to mesh axes. The mesh has three
+named axes: `data` (pure data parallelism), `fsdp` (data parallelism with
+parameters and optimizer state sharded over it) and `tensor` (Megatron-style
+sharding of heads, MLP width and vocabulary).
+
+Axis types are `Auto` on purpose: in jax >= 0.10 `jax.make_mesh` defaults to
+`Explicit` (sharding in types), which makes every op check shardings. We keep
+GSPMD propagation and pin the main activations with `with_sharding_constraint`
+instead, as maxtext and t5x do (see docs/design.md).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH = ("data", "fsdp")  # Mesh axes a batch dimension is split over.
+
+# Logical name -> mesh axis (or axes, or None = replicated). The one table.
+RULES: tuple[tuple[str, Any], ...] = (
+    # Parameters.
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("pos", None),
+    # Activations.
+    ("act_batch", BATCH),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+_RULES = dict(RULES)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds the (data, fsdp, tensor) mesh.
+
+  Args:
+    shape: sizes per axis; missing axes are 1, and one axis may be -1 to take
+      the remaining devices (default: everything on fsdp).
+    devices: defaults to all devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = dict(shape or {"fsdp": -1})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"mesh: unknown axis {sorted(unknown)}; axes are {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError("mesh: at most one axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if known <= 0 or len(devices) % known:
+      raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} does not divide "
+                       f"{len(devices)} devices")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh: {dict(zip(MESH_AXES, sizes))} needs "
+                     f"{math.prod(sizes)} devices, but there are {len(devices)}")
+  # Topology-aware device order on real hardware; plain order on CPU.
+  if devices[0].platform == "cpu":
+    dev = np.asarray(devices).reshape(sizes)
+  else:
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    dev = mesh_utils.create_device_mesh(sizes, devices)
+  return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _axis_size(mesh_shape: Mapping[str, int], axes) -> int:
+  if axes is None:
+    return 1
+  if isinstance(axes, str):
+    axes = (axes,)
+  return math.prod(mesh_shape[a] for a in axes)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None,
+                    mesh_shape: Mapping[str, int]) -> P:
+  """PartitionSpec for one array from its logical axis names.
+
+  A mesh axis is used at most once per array (the first name that asks for it
+  gets it) and only where it divides the dimension, otherwise that dimension
+  stays replicated: e.g. 2 kv-heads on tensor=4 are replicated, not an error.
+  """
+  used: set[str] = set()
+  spec = []
+  for i, name in enumerate(names):
+    if name is not None and name not in _RULES:
+      raise KeyError(f"logical axis {name!r} has no rule in instructrl.mesh.RULES")
+    axes = _RULES.get(name) if name is not None else None
+    if isinstance(axes, str):
+      axes = (axes,)
+    if axes is not None:
+      axes = tuple(a for a in axes if a in mesh_shape and mesh_shape[a] > 1
+                   and a not in used)
+      if shape is not None and axes and shape[i] % _axis_size(mesh_shape, axes):
+        axes = ()
+    if not axes:
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return P(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pins an activation's sharding by logical names, if a mesh is set.
+
+  Outside `jax.set_mesh(...)` (e.g. plain single-device use) this is a no-op.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, logical_to_spec(names, x.shape, dict(mesh.shape)))
+
+
+def _is_variable(x) -> bool:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh):
+  """NamedShardings for an (abstract) nnx.State, from its `logical_axes`."""
+  mesh_shape = dict(mesh.shape)
+
+  def one(v):
+    value = v.get_value()
+    axes = getattr(v, "logical_axes", None) or (None,) * len(value.shape)
+    if len(axes) != len(value.shape):
+      raise ValueError(f"logical axes {axes} do not match shape {value.shape}")
+    return v.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape,
+                                                         mesh_shape)))
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+  """Splits dimension `batch_axis` over (data, fsdp); other dims replicated."""
+  spec = [None] * ndim
+  spec[batch_axis] = BATCH
+  return NamedSharding(mesh, P(*spec))
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh, what: str = "batch") -> None:
+  n = _axis_size(dict(mesh.shape), BATCH)
+  if batch_size % n:
+    raise ValueError(f"{what} size {batch_size} does not divide over the data "
+                     f"axes data*fsdp={n}")
+
+
+def put_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Process-local numpy batch -> global arrays split over (data, fsdp).
+
+  Each process passes only its own rows; `make_array_from_process_local_data`
+  assembles the global array, so the same code serves one host or many.
+  """
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      out[k] = jax.device_put(v, replicated(mesh))
+      continue
+    out[k] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, v.ndim), v)
+  return out
