@@ -1,0 +1,401 @@
+"""Training metrics without TensorFlow: JSON lines, TensorBoard files, progress.
+
+  writer = MetricsWriter(workdir, "sft")      # workdir/metrics.jsonl and
+                                              # workdir/tb/sft/events.out...
+  writer.write_config(config_dict)            # tb/sft/config.json + text
+  host = to_host(metrics)                     # one device_get per log step
+  check_finite(host, step)                    # FloatingPointError on NaN loss
+  writer.write(step, host)
+  progress = Progress(total_steps, "sft")
+  progress.update(step, tokens=n)             # prints every `every_s` seconds
+  read_metrics(workdir / "metrics.jsonl")     # tolerates a torn last line
+
+`metrics.jsonl` holds one JSON object per line: {"stage", "step", "time",
+"elapsed", <metric>: value...}. Non-finite floats are written as null and
+named in a "nonfinite" list, so every line stays valid JSON. Each line is
+written whole and flushed, so a killed process leaves at most one partial
+last line, which the next writer truncates on open.
+
+TensorBoard files are written by hand: TFRecord framing (length, masked
+CRC32C of length, data, masked CRC32C of data) around `Event` protos encoded
+with the few protobuf wire-format rules they need. Only scalars and text.
+
+Only process 0 writes (multi-host), unless `active` says otherwise.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import struct
+import sys
+import time
+from typing import Any, Mapping, TextIO
+
+import jax
+import numpy as np
+
+# --- CRC32C (Castagnoli), as TFRecord needs. ---------------------------------
+
+
+def _crc_table() -> tuple[int, ...]:
+  table = []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ (0x82F63B78 if c & 1 else 0)  # reflected polynomial
+    table.append(c)
+  return tuple(table)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc32c(data: bytes, crc: int = 0) -> int:
+  crc ^= 0xFFFFFFFF
+  for b in data:
+    crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  return crc ^ 0xFFFFFFFF
+
+
+def masked_crc32c(data: bytes) -> int:
+  crc = crc32c(data)
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(data: bytes) -> bytes:
+  length = struct.pack("<Q", len(data))
+  return (length + struct.pack("<I", masked_crc32c(length)) + data
+          + struct.pack("<I", masked_crc32c(data)))
+
+
+# --- Protobuf wire format: just what Event/Summary need. ---------------------
+
+_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+
+
+def _varint(n: int) -> bytes:
+  n &= 0xFFFFFFFFFFFFFFFF  # negative int64 -> two's complement, 10 bytes
+  out = bytearray()
+  while True:
+    byte = n & 0x7F
+    n >>= 7
+    if n:
+      out.append(byte | 0x80)
+    else:
+      out.append(byte)
+      return bytes(out)
+
+
+def _key(field: int, wire: int) -> bytes:
+  return _varint(field << 3 | wire)
+
+
+def _int_field(field: int, n: int) -> bytes:
+  return _key(field, _VARINT) + _varint(n)
+
+
+def _double_field(field: int, x: float) -> bytes:
+  return _key(field, _I64) + struct.pack("<d", x)
+
+
+def _float_field(field: int, x: float) -> bytes:
+  return _key(field, _I32) + struct.pack("<f", x)
+
+
+def _bytes_field(field: int, data: bytes | str) -> bytes:
+  if isinstance(data, str):
+    data = data.encode("utf-8")
+  return _key(field, _LEN) + _varint(len(data)) + data
+
+
+def encode_event(wall_time: float, step: int, *,
+                 file_version: str | None = None,
+                 summary: bytes | None = None) -> bytes:
+  """Event{wall_time=1: double, step=2: int64, file_version=3, summary=5}."""
+  out = _double_field(1, wall_time) + _int_field(2, step)
+  if file_version is not None:
+    out += _bytes_field(3, file_version)
+  if summary is not None:
+    out += _bytes_field(5, summary)
+  return out
+
+
+def scalar_summary(scalars: Mapping[str, float]) -> bytes:
+  """Summary{repeated Value value=1}, Value{tag=1, simple_value=2: float}."""
+  return b"".join(
+      _bytes_field(1, _bytes_field(1, tag) + _float_field(2, float(v)))
+      for tag, v in scalars.items())
+
+
+def text_summary(tag: str, text: str) -> bytes:
+  """A string tensor for TensorBoard's text plugin (markdown)."""
+  plugin_data = _bytes_field(1, "text")  # PluginData{plugin_name=1}
+  # SummaryMetadata{plugin_data=1, data_class=4: DATA_CLASS_TENSOR=2}.
+  metadata = _bytes_field(1, plugin_data) + _int_field(4, 2)
+  # TensorProto{dtype=1: DT_STRING=7, tensor_shape=2: scalar, string_val=8}.
+  tensor = _int_field(1, 7) + _bytes_field(2, b"") + _bytes_field(8, text)
+  value = (_bytes_field(1, tag) + _bytes_field(8, tensor)
+           + _bytes_field(9, metadata))
+  return _bytes_field(1, value)
+
+
+class EventFileWriter:
+  """Appends TFRecord-framed Events to one new file in `logdir`."""
+
+  def __init__(self, logdir: str | os.PathLike):
+    os.makedirs(logdir, exist_ok=True)
+    # TF's naming, pid included so a quick restart never reuses a file.
+    name = (f"events.out.tfevents.{int(time.time())}."
+            f"{socket.gethostname()}.{os.getpid()}")
+    self.path = os.path.join(os.fspath(logdir), name)
+    self._f = open(self.path, "ab")
+    self._write(encode_event(time.time(), 0, file_version="brain.Event:2"))
+
+  def _write(self, event: bytes) -> None:
+    self._f.write(tfrecord(event))
+    self._f.flush()
+
+  def scalars(self, step: int, scalars: Mapping[str, float],
+              wall_time: float | None = None) -> None:
+    if scalars:
+      self._write(encode_event(wall_time or time.time(), step,
+                               summary=scalar_summary(scalars)))
+
+  def text(self, step: int, tag: str, text: str) -> None:
+    self._write(encode_event(time.time(), step,
+                             summary=text_summary(tag, text)))
+
+  def close(self) -> None:
+    self._f.close()
+
+
+# --- Host values. ------------------------------------------------------------
+
+
+def _scalar(name: str, v):
+  """A Python scalar (int/float/bool/str/None) from a host value."""
+  if v is None or isinstance(v, (str, bool)):
+    return v
+  if isinstance(v, int):
+    return int(v)  # also numpy's int subclasses -> plain int
+  if isinstance(v, float):
+    return float(v)
+  a = np.asarray(v)
+  if a.size != 1:
+    raise TypeError(f"metric {name!r} is not a scalar (shape {a.shape})")
+  return a.reshape(()).item()
+
+
+def to_host(metrics: Mapping[str, Any]) -> dict[str, Any]:
+  """Device values -> Python scalars, with one device_get for the whole dict."""
+  names = list(metrics)  # a list keeps the caller's order (dicts get sorted)
+  values = jax.device_get([metrics[k] for k in names])
+  return {str(k): _scalar(k, v) for k, v in zip(names, values)}
+
+
+def _nonfinite(metrics: Mapping[str, Any]) -> list[str]:
+  return [k for k, v in metrics.items()
+          if isinstance(v, float) and not math.isfinite(v)]
+
+
+def check_finite(metrics: Mapping[str, Any], step: int) -> None:
+  """Raises FloatingPointError if a metric named like a loss is NaN/Inf.
+
+  Call it before saving a checkpoint so a diverged run halts with its last
+  good checkpoint intact.
+  """
+  losses = {k: _scalar(k, v) for k, v in metrics.items() if "loss" in k.lower()}
+  bad = _nonfinite(losses)
+  if bad:
+    shown = ", ".join(f"{k}={losses[k]}" for k in bad)
+    raise FloatingPointError(
+        f"non-finite loss at step {step}: {shown}; halting (no checkpoint "
+        "written)")
+
+
+# --- JSON lines. -------------------------------------------------------------
+
+_RESERVED = ("stage", "step", "time", "elapsed", "nonfinite")
+
+
+def _repair_torn_tail(path: str) -> None:
+  """Truncates a partial last line left by a killed writer."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()  # once per start; even long runs log only megabytes
+    keep = data.rfind(b"\n") + 1
+    if keep != len(data):
+      f.truncate(keep)
+      logging.warning("metrics: dropped a torn last line in %s", path)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+  """All records of a metrics.jsonl; a torn last line is skipped."""
+  with open(path, "rb") as f:
+    lines = f.read().split(b"\n")
+  out = []
+  for i, line in enumerate(lines):
+    if not line.strip():
+      continue
+    try:
+      out.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:  # not just a torn tail: say so, keep going
+        logging.warning("metrics: skipping corrupt line %d of %s", i + 1, path)
+  return out
+
+
+class MetricsWriter:
+  """Logs one stage's metrics to workdir/metrics.jsonl and TensorBoard."""
+
+  def __init__(self, workdir: str | os.PathLike, stage: str, *,
+               tensorboard: bool = True, active: bool | None = None):
+    self.stage = stage
+    self.active = jax.process_index() == 0 if active is None else active
+    self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+    self.tb_dir = os.path.join(os.fspath(workdir), "tb", stage)
+    self._start = time.monotonic()
+    self._f = None
+    self._events = None
+    if not self.active:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    _repair_torn_tail(self.path)
+    self._f = open(self.path, "a", encoding="utf-8")
+    if tensorboard:
+      self._events = EventFileWriter(self.tb_dir)
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
+    """Logs scalars for `step`; returns the JSON record (also when inactive)."""
+    host = to_host(metrics)
+    clash = [k for k in host if k in _RESERVED]
+    if clash:
+      raise ValueError(f"metric names {clash} are reserved")
+    now = time.time()
+    record = {"stage": self.stage, "step": int(step), "time": round(now, 3),
+              "elapsed": round(time.monotonic() - self._start, 3)}
+    bad = _nonfinite(host)
+    record.update({k: None if k in bad else v for k, v in host.items()})
+    if bad:
+      record["nonfinite"] = bad
+    if self._f is not None:
+      # One write of a whole line, then flush: a crash tears at most the end.
+      self._f.write(json.dumps(record, allow_nan=False) + "\n")
+      self._f.flush()
+    if self._events is not None:
+      numeric = {k: float(v) for k, v in host.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+      self._events.scalars(int(step), numeric, wall_time=now)
+    return record
+
+  def write_config(self, config: Mapping[str, Any] | str,
+                   step: int = 0) -> None:
+    """Saves the config as tb/<stage>/config.json and a TensorBoard text."""
+    if not self.active:
+      return
+    text = config if isinstance(config, str) else json.dumps(
+        config, indent=2, sort_keys=True, default=str)
+    os.makedirs(self.tb_dir, exist_ok=True)
+    path = os.path.join(self.tb_dir, "config.json")
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+    if self._events is not None:
+      # Indented lines render as preformatted text in the markdown view.
+      self._events.text(step, "config", "\n".join(
+          "    " + line for line in text.splitlines()))
+
+  def close(self) -> None:
+    if self._f is not None:
+      self._f.close()
+      self._f = None
+    if self._events is not None:
+      self._events.close()
+      self._events = None
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# --- Progress line. ----------------------------------------------------------
+
+
+def _hms(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  s = int(seconds)
+  return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _si(x: float) -> str:
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if x >= scale:
+      return f"{x / scale:.2f}{unit}"
+  return f"{x:.1f}"
+
+
+class Progress:
+  """Prints `desc step/total, rate, ETA` to stderr every `every_s` seconds.
+
+  On a TTY the line is redrawn in place; in logs (non-TTY) each report is a
+  new line. `tokens` passed to `update` are the tokens processed since the
+  previous `update` call.
+  """
+
+  def __init__(self, total: int, desc: str = "", *, every_s: float = 10.0,
+               start_step: int = 0, stream: TextIO | None = None,
+               clock=time.monotonic):
+    self.total, self.desc, self.every_s = int(total), desc, every_s
+    self._stream = stream or sys.stderr
+    self._tty = bool(getattr(self._stream, "isatty", lambda: False)())
+    self._clock = clock
+    self._t0 = self._last_t = clock()
+    self._last_step = self._step = int(start_step)
+    self._tokens = 0.0  # since the last report
+    self._shown = False
+
+  def update(self, step: int, *, tokens: float | None = None) -> str | None:
+    """Records progress; returns the line if one was printed."""
+    self._step = int(step)
+    if tokens is not None:
+      self._tokens += float(tokens)
+    now = self._clock()
+    if now - self._last_t < self.every_s and self._step < self.total:
+      return None
+    return self._report(now)
+
+  def _report(self, now: float) -> str:
+    dt = max(now - self._last_t, 1e-9)
+    rate = (self._step - self._last_step) / dt  # recent, not since start
+    parts = [f"{self.desc} {self._step}/{self.total}".strip()]
+    if self.total > 0:
+      parts[0] += f" ({100.0 * self._step / self.total:.1f}%)"
+    parts.append(f"{rate:.2f} steps/s")
+    if self._tokens:
+      parts.append(f"{_si(self._tokens / dt)} tok/s")
+    eta = (self.total - self._step) / rate if rate > 0 else math.inf
+    parts.append(f"elapsed {_hms(now - self._t0)}")
+    parts.append(f"eta {_hms(max(eta, 0.0))}")
+    line = " | ".join(parts)
+    if self._tty:
+      self._stream.write("\r" + line + "\x1b[K")
+    else:
+      self._stream.write(line + "\n")
+    self._stream.flush()
+    self._shown = True
+    self._last_t, self._last_step, self._tokens = now, self._step, 0.0
+    return line
+
+  def close(self) -> None:
+    """Prints a final report if progress was made since the last one."""
+    if self._step != self._last_step:
+      self._report(self._clock())
+    if self._tty and self._shown:
+      self._stream.write("\n")
+      self._stream.flush()
