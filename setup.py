@@ -29,6 +29,6 @@ setup(
             "importlib_resources",
         ],
         "tpu": ["jax[tpu]"],
-        "dev": ["pytest", "pytest-xdist"],
+        "dev": ["pytest", "pytest-xdist", "matplotlib"],
     },
 )

@@ -1,0 +1,65 @@
+"""The embedded default: a miniature InstructGPT on a laptop CPU.
+
+    python -m instructrl.main                       # whole pipeline
+    python -m instructrl.main --config=configs/default.py:tiny --config.stage=sft
+
+Variants (the string after the colon, comma-separated):
+  tiny  -- test-sized: a few steps per stage, for CI and debugging.
+"""
+import ml_collections as mlc
+
+
+def _lm_stage(**kw):
+  c = mlc.ConfigDict(dict(
+      data="world", init="none", steps=0, epochs=1.0, batch_size=32, seq_len=64,
+      lr=1e-3, warmup_steps=0, weight_decay=0.0, dropout=0.0, microbatches=1,
+      log_every=20, save_every=200, eval_every=0, eval_batches=8))
+  c.update(kw)
+  return c
+
+
+def get_config(arg: str = ""):
+  variants = set(filter(None, (arg or "").split(",")))
+  unknown = variants - {"tiny"}
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; known: tiny")
+  c = mlc.ConfigDict()
+  c.stage = "pipeline"  # pretrain | sft | rm | pipeline
+  c.seed = 0
+  c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.data = mlc.ConfigDict(dict(
+      vocab="default", on_error="raise", cache_dir="",
+      world=dict(seed=0, sft=3000, rm=1500, ppo=2000, validation=300, test=300,
+                 k_min=4, k_max=9)))
+
+  c.model = mlc.ConfigDict(dict(
+      vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=None,
+      head_dim=None, d_ff=None, max_len=128, style="gpt", tie_embeddings=True,
+      dropout_rate=0.0, norm_eps=1e-5, rope_theta=10000.0, dtype="float32",
+      param_dtype="float32", scan_layers=False, remat_policy="none",
+      attention_impl=None))
+
+  # Stage 0: the tiny base model on Python's own English text.
+  c.pretrain = _lm_stage(data="corpus", steps=600, batch_size=32, seq_len=128,
+                         lr=2e-3, warmup_steps=50, eval_every=200)
+  # Stage 1: SFT on demonstrations (the paper: cosine to 10%, dropout 0.2,
+  # best model by validation).
+  c.sft = _lm_stage(data="world", init="pretrain", epochs=2.0, batch_size=32,
+                    seq_len=64, lr=5e-4, dropout=0.1, eval_every=50)
+  # Stage 2: the reward model from SFT weights; Eq. 1 over all C(K,2) pairs.
+  c.rm = _lm_stage(data="world", init="sft", epochs=1.0, batch_size=16, seq_len=64,
+                   lr=2e-4, eval_every=50, heldout_group=4, demo_data="world",
+                   demo_batches=8)
+
+  if "tiny" in variants:
+    c.data.vocab = "byte"
+    c.data.world.update(sft=64, rm=32, ppo=32, validation=16, test=16)
+    c.model.update(num_layers=2, d_model=32, num_heads=2, max_len=192)
+    c.pretrain.update(steps=6, batch_size=8, seq_len=64, log_every=2, save_every=3,
+                      eval_every=3, eval_batches=2, warmup_steps=2)
+    c.sft.update(epochs=1.0, batch_size=8, seq_len=128, log_every=2, save_every=3, eval_every=4,
+                 eval_batches=2)
+    c.rm.update(epochs=1.0, batch_size=4, seq_len=192, log_every=2, save_every=3, eval_every=4,
+                demo_batches=2)
+  return c

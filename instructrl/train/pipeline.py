@@ -1,0 +1,85 @@
+"""Dispatch on `config.stage`; "pipeline" runs every stage not yet done."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+
+from instructrl import mesh as mesh_lib
+from instructrl.train import common
+
+STAGES = ("pretrain", "sft", "rm")
+
+
+def _user_errors():
+  errors = [common.ConfigError]
+  try:
+    from instructrl.data.common import DataError  # pylint: disable=g-import-not-at-top
+    errors.append(DataError)
+  except ImportError:  # The data extra is not installed.
+    pass
+  return tuple(errors)
+
+
+USER_ERRORS = _user_errors()
+
+
+def make_mesh(config):
+  try:
+    return mesh_lib.make_mesh(dict(config.mesh))
+  except ValueError as e:
+    raise common.ConfigError(f"config.mesh: {e}") from None
+
+
+def run_stage(config, workdir: str, stage: str, mesh) -> dict:
+  from instructrl.train import stages  # pylint: disable=g-import-not-at-top
+  try:
+    if stage in ("pretrain", "sft"):
+      return stages.run_lm_stage(config, workdir, stage, mesh)
+    if stage == "rm":
+      return stages.run_rm_stage(config, workdir, mesh)
+  except ValueError as e:
+    # Shape/divisibility mistakes found while building a stage name their key.
+    if "does not divide" in str(e) or "config key" in str(e):
+      raise common.ConfigError(str(e)) from None
+    raise
+  raise common.ConfigError(f"config.stage: unknown stage {stage!r}; one of "
+                           f"{STAGES + ('pipeline',)}")
+
+
+def run(config, workdir: str) -> dict:
+  os.makedirs(workdir, exist_ok=True)
+  mesh = make_mesh(config)
+  if config.stage != "pipeline":
+    return {config.stage: run_stage(config, workdir, config.stage, mesh)}
+  results = {}
+  for stage in STAGES:
+    if common.is_done(workdir, stage):
+      results[stage] = dict(common.read_info(workdir, stage), reused=True)
+      print(f"[{stage}] already done in {common.stage_dir(workdir, stage)}; reusing")
+      continue
+    t0 = time.monotonic()
+    results[stage] = run_stage(config, workdir, stage, mesh)
+    print(f"[{stage}] done in {time.monotonic() - t0:.1f}s")
+  print(summary_table(results))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(results, f, indent=1, default=float)
+  return results
+
+
+def summary_table(results: dict) -> str:
+  rows = [("stage", "steps", "wall s", "best (step)", "final metrics")]
+  for stage, info in results.items():
+    best = info.get("best") or {}
+    final = info.get("final") or {}
+    keys = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy",
+                        "val_heldout_group_accuracy") if k in final]
+    rows.append((stage, str(info.get("steps", "")), f"{info.get('wall_s', 0):.1f}",
+                 f"{best.get('value', float('nan')):.4g} ({best.get('step')})"
+                 if best.get("value") is not None else "-",
+                 " ".join(f"{k}={final[k]:.4g}" for k in keys)))
+  widths = [max(len(r[i]) for r in rows) for i in range(5)]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
