@@ -52,6 +52,15 @@ def get_config(arg: str = ""):
                    lr=2e-4, eval_every=50, heldout_group=4, demo_data="world",
                    demo_batches=8)
 
+  # Stage 3: PPO and PPO-ptx (the paper, Appendix C.4; sizes scaled down).
+  c.ppo = mlc.ConfigDict(dict(
+      data="world", ptx_data="corpus", iterations=60, batch_size=64,
+      minibatch_size=16, epochs=1, lr=1e-5, value_lr=1e-5, warmup_iterations=10,
+      clip_eps=0.2, value_clip_eps=0.2, clip_norm=1.0, kl_coef=0.02, kl_target=0.0,
+      kl_horizon=10000, ptx_coef=27.8, ptx_ratio=8, ptx_seq_len=64, lam=0.95,
+      ema_decay=0.0, prompt_len=48, max_new_tokens=24, no_eos_penalty=0.0,
+      log_every=5, save_every=20))
+
   if "tiny" in variants:
     c.data.vocab = "byte"
     c.data.world.update(sft=64, rm=32, ppo=32, validation=16, test=16)
@@ -62,4 +71,7 @@ def get_config(arg: str = ""):
                  eval_batches=2)
     c.rm.update(epochs=1.0, batch_size=4, seq_len=192, log_every=2, save_every=3, eval_every=4,
                 demo_batches=2)
+    c.ppo.update(iterations=4, batch_size=8, minibatch_size=4, prompt_len=144,
+                 max_new_tokens=16, ptx_ratio=1, ptx_seq_len=32, log_every=1,
+                 save_every=2, warmup_iterations=1)
   return c

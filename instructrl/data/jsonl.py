@@ -112,14 +112,14 @@ def _document(obj, where) -> common.Document:
   return common.Document(_text(obj, "text", where), where)
 
 
-_PARSERS: dict[str, Callable[[dict[str, Any], str], Any]] = {
+PARSERS: dict[str, Callable[[dict[str, Any], str], Any]] = {
     "lm": _document, "sft": _demo, "rm": _comparison, "prompts": _prompt}
 
 
 def read_jsonl(kind: str, pattern: str,
                policy: Optional[common.ErrorPolicy] = None) -> list[Any]:
   """Validated records of `kind` from the JSONL file(s) `pattern`."""
-  if kind not in _PARSERS:
+  if kind not in PARSERS:
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
   policy = policy or common.ErrorPolicy()
   out = []
@@ -127,14 +127,14 @@ def read_jsonl(kind: str, pattern: str,
     for where, line in _lines(path, policy):
       try:
         try:
-          obj = json.loads(line)
+          obj = json.loads(line.rstrip("\r\n"))
         except json.JSONDecodeError as e:
           raise common.DataError(where, f"malformed JSON ({e.msg} at column "
                                  f"{e.colno})") from None
         if not isinstance(obj, dict):
           raise common.DataError(where, "expected a JSON object, got "
                                  f"{type(obj).__name__}")
-        out.append(_PARSERS[kind](obj, where))
+        out.append(PARSERS[kind](obj, where))
       except common.DataError as e:
         policy.handle(e)
   policy.report(pattern)

@@ -12,8 +12,10 @@ identity normalisation (no NFKC, no whitespace squashing), byte fallback for
 characters outside the vocabulary (newlines, tabs, emoji), and digits split
 into single-digit pieces so numbers are spelled digit by digit.
 """
+import hashlib
 import io
 import os
+import string
 from typing import Optional
 
 import seqio
@@ -23,7 +25,7 @@ from instructrl.data import common
 from instructrl.data import corpus
 
 DEFAULT_VOCAB_SIZE = 2048
-_TRAINER_VERSION = 1  # Bump when the options below change.
+_TRAINER_VERSION = 2  # Bump when the options below change.
 _TRAINER_OPTIONS = dict(
     model_type="unigram",
     pad_id=common.PAD_ID,
@@ -35,6 +37,9 @@ _TRAINER_OPTIONS = dict(
     normalization_rule_name="identity",
     remove_extra_whitespaces=False,
     character_coverage=0.9995,
+    # Every printable ASCII character gets a piece of its own (else rare
+    # ones such as "?" or "Z" in the docstrings fall back to bytes).
+    required_chars=string.printable.strip(),
     input_sentence_size=0,
     shuffle_input_sentence=False,
     num_threads=1,
@@ -59,9 +64,13 @@ def train_default_model(vocab_size: int = DEFAULT_VOCAB_SIZE,
   if os.path.exists(path):
     return path
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(corpus.sentences(cache_dir)),
-      model_writer=model, vocab_size=vocab_size, **_TRAINER_OPTIONS)
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus.sentences(cache_dir)),
+        model_writer=model, vocab_size=vocab_size, **_TRAINER_OPTIONS)
+  except RuntimeError as e:  # E.g. a size below the 256 byte pieces + chars.
+    raise common.DataError(f"default:{vocab_size}", "cannot train the "
+                           f"vocabulary: {str(e).splitlines()[0]}") from None
   common.atomic_write(path, model.getvalue())
   return path
 
@@ -70,7 +79,8 @@ class LazyDefaultVocabulary(seqio.SentencePieceVocabulary):
   """The default vocabulary, trained when first used rather than when built.
 
   seqio tasks are registered at import time; this keeps that import cheap
-  (no corpus, no training) while the task still names a fixed model file.
+  (no corpus, no training). The cache dir is also resolved at first use, so
+  setting $INSTRUCTRL_CACHE after the import still takes effect.
   """
 
   def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE,
@@ -80,9 +90,10 @@ class LazyDefaultVocabulary(seqio.SentencePieceVocabulary):
     super().__init__(default_model_path(vocab_size, cache_dir))
 
   def _model_context(self):
-    # seqio loads the model file here, lazily; train it first if missing.
-    if not os.path.exists(self.sentencepiece_model_file):
-      train_default_model(self._vocab_size, self._cache_dir)
+    # seqio reads the model file here, lazily: make sure it exists first.
+    if not self._model:
+      self._sentencepiece_model_file = train_default_model(
+          self._vocab_size, self._cache_dir)
     return super()._model_context()
 
 
@@ -142,7 +153,7 @@ def get_vocabulary(spec: str = "default",
 def vocab_fingerprint(vocab: seqio.Vocabulary) -> str:
   """Identifies a vocabulary's token mapping (for caches and states)."""
   if isinstance(vocab, seqio.SentencePieceVocabulary):
-    return "spm-" + common.fingerprint([vocab.sp_model.hex()])
+    return "spm-" + hashlib.sha256(vocab.sp_model).hexdigest()[:16]
   return f"{type(vocab).__name__}-{vocab.vocab_size}"
 
 

@@ -19,7 +19,7 @@ Everything is pure Python and deterministic given `WorldConfig`.
 """
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -38,8 +38,7 @@ KINDS = ("sft", "rm", "prompts")
 # Text a model appends after its answer: the paper's hallucination metadata.
 _TRAILERS = (
     "I hope this helps.", "That is the answer.", "This was easy.",
-    "Let me know if you need anything else.", "The answer is above.",
-    "and so on", "Thank you.", "It is a good question.",
+    "Is that right?", "and so on", "Thank you.", "Done.",
 )
 
 
@@ -87,8 +86,14 @@ class WorldConfig:
   k_max: int = 9
 
   @classmethod
-  def from_dict(cls, d: Optional[dict[str, Any]]) -> "WorldConfig":
-    return cls(**dict(d or {}))
+  def from_dict(cls, d: Optional[Any]) -> "WorldConfig":
+    """From a dict or ml_collections.ConfigDict of some of the fields."""
+    d = dict(d or {})
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+      raise ValueError(f"unknown world options {sorted(unknown)}; known: "
+                       f"{[f.name for f in dataclasses.fields(cls)]}")
+    return cls(**d)
 
 
 def make_prompt(family: str, spec: dict[str, Any], template: int,
@@ -144,15 +149,15 @@ def candidate_responses(prompt: Prompt, k: int,
   ref = prompt.reference
   wrong = [w for w in FAMILIES[prompt.family].corruptions(prompt.spec, rng)
            if w.strip()]
-  pool = [w for w in wrong]
+  pool = list(wrong)
   if len(ref) > 1:
     pool.append(ref[:int(rng.integers(1, len(ref)))])
   trailer = _TRAILERS[int(rng.integers(len(_TRAILERS)))]
   pool.append(f"{ref} {trailer}")
   pool.append(f"{wrong[int(rng.integers(len(wrong)))]} {trailer}")
   pool.append(" ".join(prompt.text.split()[:3]))
-  pool.append(f"{ref} {wrong[0]}")  # Fallbacks so K = 9 stays reachable.
-  pool.append(f"{wrong[-1]} {_TRAILERS[0]}")
+  pool.append(wrong[0][:max(1, len(wrong[0]) // 2)])  # Fallbacks so that
+  pool.append(f"{wrong[-1]} {_TRAILERS[0]}")  # K = 9 stays reachable.
   order = rng.permutation(len(pool))
   chosen = [ref] if rng.random() < 0.8 else []
   for j in order:
@@ -191,6 +196,28 @@ def gold_judge(prompt: Prompt, a: str, b: str) -> Judgement:
     return Judgement(int(ub > ua), ua, ub, False)
   key_a, key_b = (len(a.strip()), a), (len(b.strip()), b)
   return Judgement(int(key_b < key_a), ua, ub, True)
+
+
+def label_comparisons(prompts: Sequence[Prompt],
+                      responses: Sequence[Sequence[str]], *, seed: int,
+                      groups: Optional[Sequence[int]] = None
+                      ) -> list[common.Comparison]:
+  """Simulated labelers rank a policy's samples: one comparison per prompt.
+
+  Each prompt gets a labeler from a random group of `groups` (default: all),
+  as the world's own comparisons do; feed the result to
+  `pipeline.iterator_from_records("rm", ...)`.
+  """
+  rng = np.random.default_rng(seed)
+  groups = tuple(range(labelers.NUM_GROUPS)) if groups is None else tuple(
+      groups)
+  out = []
+  for i, (p, resp) in enumerate(zip(prompts, responses)):
+    group = groups[int(rng.integers(len(groups)))]
+    ranks = labelers.rank_responses(p, resp, group=group, rng=rng)
+    out.append(common.Comparison(p.text, tuple(resp), tuple(ranks), group,
+                                 f"labeled:{i}"))
+  return out
 
 
 class World:

@@ -66,6 +66,10 @@ def load_params(path: str, abstract_params, shardings):
 
 def export(workdir: str, stage: str, params, info: dict) -> None:
   """The stage's result: params plus info.json (written last = done marker)."""
+  bad = ckpt_lib.nonfinite_leaves(params)
+  if bad:
+    raise FloatingPointError(f"{stage}: refusing to export non-finite parameters "
+                             f"({', '.join(bad[:3])})")
   out = os.path.join(stage_dir(workdir, stage), "export")
   os.makedirs(out, exist_ok=True)
   _save_params(os.path.join(out, "params"), params)

@@ -10,7 +10,7 @@ import jax
 from instructrl import mesh as mesh_lib
 from instructrl.train import common
 
-STAGES = ("pretrain", "sft", "rm")
+STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 
 
 def _user_errors():
@@ -40,6 +40,9 @@ def run_stage(config, workdir: str, stage: str, mesh) -> dict:
       return stages.run_lm_stage(config, workdir, stage, mesh)
     if stage == "rm":
       return stages.run_rm_stage(config, workdir, mesh)
+    if stage in ("ppo", "ppo_ptx"):
+      from instructrl.train import ppo  # pylint: disable=g-import-not-at-top
+      return ppo.run_ppo_stage(config, workdir, mesh, stage)
   except ValueError as e:
     # Shape/divisibility mistakes found while building a stage name their key.
     if "does not divide" in str(e) or "config key" in str(e):
@@ -76,7 +79,8 @@ def summary_table(results: dict) -> str:
     best = info.get("best") or {}
     final = info.get("final") or {}
     keys = [k for k in ("loss", "accuracy", "val_loss", "val_accuracy",
-                        "val_heldout_group_accuracy") if k in final]
+                        "val_heldout_group_accuracy", "score", "kl", "ptx_loss")
+            if k in final]
     rows.append((stage, str(info.get("steps", "")), f"{info.get('wall_s', 0):.1f}",
                  f"{best.get('value', float('nan')):.4g} ({best.get('step')})"
                  if best.get("value") is not None else "-",

@@ -180,9 +180,11 @@ def demo_score_mean(config, graphdef, params, mesh, seq_len) -> float:
   def fn(p, batch):
     # SFT rows hold inputs x[:-1] and targets x[1:]; the RM reads the whole
     # sequence x, EOS included, as in its own comparison rows.
+    # The whole x has at most seq_len tokens, so x = tokens[0] + targets[:-1]
+    # keeps every real token within the model's positions.
     seg = batch["segment_ids"]
-    full = jnp.concatenate([batch["tokens"][:, :1], batch["targets"]], axis=1)
-    full_seg = jnp.concatenate([seg[:, :1], seg], axis=1)
+    full = jnp.concatenate([batch["tokens"][:, :1], batch["targets"][:, :-1]], axis=1)
+    full_seg = jnp.concatenate([seg[:, :1], seg[:, :-1]], axis=1)
     pos = jnp.broadcast_to(jnp.arange(full.shape[1], dtype=jnp.int32), full.shape)
     r = nnx.merge(graphdef, p).reward(full, pos, full_seg)
     real = jnp.any(seg > 0, axis=1)

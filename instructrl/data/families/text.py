@@ -104,7 +104,8 @@ class ChangeCase(base.Family):
 
   def corruptions(self, spec, rng):
     ref = self.reference(spec)
-    others = [f(spec["words"]) for m, f in _CASE_FN.items() if m != spec["mode"]]
+    others = [f(spec["words"]) for m, f in _CASE_FN.items()
+              if m != spec["mode"]]
     i = int(rng.integers(len(ref)))
     typo = ref[:i] + ref[i + 1:] if len(ref) > 2 else ref + ref[-1]
     return [spec["text"], *others, typo, ref[0].swapcase() + ref[1:]]
@@ -129,8 +130,9 @@ class Repeat(base.Family):
   def sample(self, rng, split):
     k = 1 + int(rng.random() < 0.25)
     phrase = " ".join(base.sample_distinct(rng, lexicon.words(split), k))
-    # Two-word phrases at most three times: answers stay under ~20 tokens.
-    return {"phrase": phrase, "count": int(rng.integers(2, 6 - k)),
+    # Two-word phrases only twice: answers stay under ~20 tokens.
+    count = int(rng.integers(2, 5)) if k == 1 else 2
+    return {"phrase": phrase, "count": count,
             "as_word": bool(rng.random() < 0.5)}
 
   def fields(self, spec):
@@ -153,8 +155,9 @@ class Repeat(base.Family):
       copies, i = copies + 1, i + len(unit)
     # "cat, cat, cat" breaks "separated by spaces"; a final "." does not.
     run = ws[:i]
-    broken = int(any(w != utility.strip_punct(w) for w in run[:-1]) or
-                 (bool(run) and run[-1].rstrip(".") != utility.strip_punct(run[-1])))
+    inner = any(w != utility.strip_punct(w) for w in run[:-1])
+    last = bool(run) and run[-1].rstrip(".") != utility.strip_punct(run[-1])
+    broken = int(inner or last)
     n = spec["count"]
     credit = max(0.0, 1.0 - abs(copies - n) / n)
     return utility.Score(copies == n and not broken, credit, len(ws) - i,
@@ -223,7 +226,7 @@ class KthWord(base.Family):
   )
 
   def sample(self, rng, split):
-    n = int(rng.integers(4, 7))
+    n = int(rng.integers(4, 6))
     ws = base.sample_distinct(rng, lexicon.words(split), n)
     return {"sentence": " ".join(ws), "k": int(rng.integers(1, n + 1))}
 

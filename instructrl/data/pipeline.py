@@ -1,0 +1,245 @@
+"""The trainers' entry point: data spec -> tokens -> resumable numpy batches.
+
+    it = make_iterator("sft", "world", batch_size=32, seq_len=128,
+                       vocab="default", split="train", seed=0)
+    batch = next(it)          # dict of numpy arrays, this process's rows
+    state = it.get_state()    # save with the checkpoint; it.set_state(state)
+
+Data is read and validated once (sources.py), tokenized once with the seqio
+vocabulary, laid out as a fixed-shape table (packing.py) and batched by
+index (iterators.py). This keeps everything in host memory, which is right
+for this project's sizes (the default world is ~30k strings, the corpus
+~0.45M tokens); docs/data.md discusses very large datasets.
+
+Batch formats (B = batch_size / process_count):
+  lm, sft  tokens, targets, segment_ids, positions int32 [B, T];
+           loss_mask float32 [B, T]
+  rm       tokens, segment_ids, positions int32 [B, K_max, T];
+           ranks int32 [B, K_max] (lower preferred); valid bool [B, K_max];
+           group int32 [B]
+  prompts  prompt_tokens int32 [B, L] (left-padded); prompt_mask bool [B, L];
+           prompt_id int32 [B] (-1 for padding rows)
+"""
+import hashlib
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from instructrl.data import common
+from instructrl.data import iterators
+from instructrl.data import packing
+from instructrl.data import sources
+from instructrl.data import world as world_lib
+
+KINDS = sources.KINDS
+K_MAX = 9
+
+
+def resolve_vocab(vocab: Any, cache_dir: Optional[str] = None):
+  """A seqio vocabulary from itself or a spec string ("default", ...)."""
+  from instructrl.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  if isinstance(vocab, str):
+    return vocab_lib.get_vocabulary(vocab, cache_dir)
+  return vocab
+
+
+def _check(policy, ok: bool, where: str, what: str) -> bool:
+  if not ok:
+    policy.handle(common.DataError(where, what))
+  return ok
+
+
+def _encode(vocab, texts: list[str]) -> list[list[int]]:
+  from instructrl.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+  return vocab_lib.encode_batch(vocab, texts)
+
+
+def _tokenize(kind: str, records: list[Any], vocab, seq_len: int, k_max: int,
+              policy: common.ErrorPolicy) -> dict[str, np.ndarray]:
+  """Encodes records, enforces lengths and lays out the table."""
+  if kind == "lm":
+    return packing.pack_lm(_encode(vocab, [r.text for r in records]), seq_len)
+  prompts = _encode(vocab, [r.prompt for r in records])
+  if kind == "prompts":
+    keep = [i for i, (r, p) in enumerate(zip(records, prompts)) if _check(
+        policy, len(p) <= seq_len, r.where, f"the prompt is {len(p)} tokens, "
+        f"longer than the maximum prompt length {seq_len}")]
+    return packing.prompt_rows([prompts[i] for i in keep], keep, seq_len)
+  if kind == "sft":
+    completions = _encode(vocab, [r.completion for r in records])
+    lengths = [len(p) + len(c) + 1 for p, c in zip(prompts, completions)]
+    keep = [i for i, r in enumerate(records) if _check(
+        policy, lengths[i] <= seq_len, r.where, f"prompt + completion + EOS "
+        f"is {lengths[i]} tokens, longer than seq_len {seq_len}")]
+    return packing.sft_rows([prompts[i] for i in keep],
+                            [completions[i] for i in keep], seq_len)
+  flat = _encode(vocab, [c for r in records for c in r.completions])
+  keep, completions, start = [], [], 0
+  for i, r in enumerate(records):
+    cs = flat[start:start + len(r.completions)]
+    start += len(cs)
+    longest = len(prompts[i]) + max(len(c) for c in cs) + 1
+    if (_check(policy, len(cs) <= k_max, r.where,
+               f"K = {len(cs)} completions, more than k_max = {k_max}") and
+        _check(policy, longest <= seq_len, r.where,
+               f"prompt + completion + EOS is {longest} tokens, longer than "
+               f"seq_len {seq_len}")):
+      keep.append(i)
+      completions.append(cs)
+  return packing.rm_rows([prompts[i] for i in keep], completions,
+                         [records[i].ranks for i in keep],
+                         [records[i].group for i in keep], seq_len, k_max)
+
+
+def _fingerprint(table: Mapping[str, np.ndarray]) -> str:
+  h = hashlib.sha256()
+  for key in sorted(table):
+    h.update(key.encode())
+    h.update(str(table[key].shape).encode())
+    h.update(np.ascontiguousarray(table[key]).tobytes())
+  return h.hexdigest()[:16]
+
+
+def make_table(kind: str, spec: str, *, seq_len: int, vocab: Any,
+               split: str = "train", k_max: int = K_MAX,
+               groups: Optional[Sequence[int]] = None,
+               on_error: str = "raise",
+               world: Optional[Mapping[str, Any]] = None,
+               cache_dir: Optional[str] = None,
+               tfds_data_dir: Optional[str] = None,
+               fields: Optional[Mapping[str, str]] = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The example table of a dataset and facts about it (see make_iterator).
+
+  Returns:
+    (table, info): the arrays (with a padding row last) and a dict with
+    "fingerprint", "examples", "skipped" and, for lm, "tokens".
+  """
+  policy = common.ErrorPolicy(on_error)
+  records = sources.load_records(
+      kind, spec, split, world=world, cache_dir=cache_dir,
+      tfds_data_dir=tfds_data_dir, fields=fields, policy=policy)
+  if kind == "rm" and groups is not None:
+    allowed = set(int(g) for g in groups)
+    records = [r for r in records if r.group in allowed]
+  table, info = table_from_records(
+      kind, records, seq_len=seq_len, vocab=resolve_vocab(vocab, cache_dir),
+      k_max=k_max, policy=policy, name=f"{spec} ({kind}, {split})")
+  info.update(spec=spec, split=split)
+  return table, info
+
+
+def table_from_records(kind: str, records: Sequence[Any], *, seq_len: int,
+                       vocab: Any, k_max: int = K_MAX,
+                       policy: Optional[common.ErrorPolicy] = None,
+                       name: str = "records"
+                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """Tokenizes in-memory records (common.Demo, Comparison, ...) to a table.
+
+  This is how later stages batch data they made themselves, e.g. policy
+  samples ranked by `world.label_comparisons`.
+  """
+  policy = policy or common.ErrorPolicy()
+  if not records:
+    raise common.DataError(name, f"no {kind} records")
+  table = _tokenize(kind, list(records), resolve_vocab(vocab), seq_len, k_max,
+                    policy)
+  policy.report(name)
+  n = len(next(iter(table.values()))) - 1
+  if n == 0:
+    raise common.DataError(name, f"every {kind} record was skipped")
+  info = {"kind": kind, "examples": n, "records": len(records),
+          "skipped": len(policy.skipped), "fingerprint": _fingerprint(table)}
+  if kind == "lm":
+    info["tokens"] = int(table["loss_mask"].sum())
+  return table, info
+
+
+def make_iterator(kind: str, spec: str, *, batch_size: int, seq_len: int,
+                  vocab: Any, split: str = "train", seed: int = 0,
+                  process_index: int = 0, process_count: int = 1,
+                  infinite: bool = True, shuffle: Optional[bool] = None,
+                  k_max: int = K_MAX, groups: Optional[Sequence[int]] = None,
+                  on_error: str = "raise",
+                  world: Optional[Mapping[str, Any]] = None,
+                  cache_dir: Optional[str] = None,
+                  tfds_data_dir: Optional[str] = None,
+                  fields: Optional[Mapping[str, str]] = None
+                  ) -> iterators.BatchIterator:
+  """A deterministic, resumable iterator of this process's batch rows.
+
+  Args:
+    kind: "lm" (packed), "sft", "rm" or "prompts".
+    spec: "world", "corpus", "jsonl:PATH", "text:PATH" or "tfds:NAME"
+      (sources.py); PATH may contain "{split}".
+    batch_size: the GLOBAL batch size (divisible by process_count).
+    seq_len: T for lm/sft/rm; the prompt length L for prompts.
+    vocab: a seqio.Vocabulary, or a spec for vocab.get_vocabulary.
+    split: "train", "validation" or "test".
+    seed: shuffling seed (each epoch is a fresh permutation of it).
+    process_index: this process.
+    process_count: processes sharing a global batch.
+    infinite: cycle forever; False: one pass with a padded last batch.
+    shuffle: default: shuffle when infinite, keep order for one pass.
+    k_max: completions slots per rm row (K is padded to it).
+    groups: rm only: keep comparisons of these labeler groups.
+    on_error: "raise" a DataError at the first bad record, or "skip" bad
+      records (counted in `it.info["skipped"]`, logged as a warning).
+    world: WorldConfig fields, e.g. {"seed": 0, "sft": 3000}.
+    cache_dir: vocabulary and corpus cache.
+    tfds_data_dir: TFDS data dir for "tfds:" specs.
+    fields: TFDS only: our field name -> the dataset's feature name.
+
+  Returns:
+    A BatchIterator: `next(it)`, `it.get_state()`, `it.set_state(s)`,
+    `it.step`, `it.epoch`, `it.info`.
+  """
+  table, info = make_table(
+      kind, spec, seq_len=seq_len, vocab=vocab, split=split, k_max=k_max,
+      groups=groups, on_error=on_error, world=world, cache_dir=cache_dir,
+      tfds_data_dir=tfds_data_dir, fields=fields)
+  return _iterator(table, info, batch_size, seed, infinite, shuffle,
+                   process_index, process_count)
+
+
+def iterator_from_records(kind: str, records: Sequence[Any], *,
+                          batch_size: int, seq_len: int, vocab: Any,
+                          seed: int = 0, infinite: bool = True,
+                          shuffle: Optional[bool] = None,
+                          process_index: int = 0, process_count: int = 1,
+                          k_max: int = K_MAX, on_error: str = "raise"
+                          ) -> iterators.BatchIterator:
+  """make_iterator for in-memory records (same arguments and batches)."""
+  table, info = table_from_records(kind, records, seq_len=seq_len,
+                                   vocab=vocab, k_max=k_max,
+                                   policy=common.ErrorPolicy(on_error))
+  return _iterator(table, info, batch_size, seed, infinite, shuffle,
+                   process_index, process_count)
+
+
+def _iterator(table, info, batch_size, seed, infinite, shuffle,
+              process_index, process_count) -> iterators.BatchIterator:
+  return iterators.BatchIterator(
+      table, batch_size=batch_size, seed=seed,
+      shuffle=infinite if shuffle is None else shuffle, infinite=infinite,
+      process_index=process_index, process_count=process_count,
+      fingerprint=info["fingerprint"], info=info)
+
+
+def get_prompts(spec: str, split: str, *,
+                world: Optional[Mapping[str, Any]] = None,
+                on_error: str = "raise",
+                **kwargs) -> list[Union[world_lib.Prompt, str]]:
+  """The prompt list that `prompt_id` indexes, for decoding and judging.
+
+  For "world" these are `world.Prompt` objects (text, family, reference,
+  `utility(response)`; pass them to `world.gold_judge`); for other specs,
+  the prompt strings. Pass the `on_error` (and TFDS options) that the
+  iterator got, so that both read the same list.
+  """
+  if sources.parse_spec(spec)[0] == "world":
+    return world_lib.get_world(
+        world_lib.WorldConfig.from_dict(world)).prompts("prompts", split)
+  records = sources.load_records("prompts", spec, split,
+                                 policy=common.ErrorPolicy(on_error), **kwargs)
+  return [r.prompt for r in records]

@@ -1,0 +1,137 @@
+"""The PPO-ptx learner: epochs x minibatches inside one jitted function.
+
+Objective (the paper's Eq. 2), maximised over the policy pi:
+
+  E_{x~D_RL, y~pi}[ r(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)) ]
+      + gamma * E_{x~D_pretrain}[ log pi(x) ]
+
+The first term is optimised with PPO's clipped surrogate on GAE advantages of
+the KL-shaped per-token rewards (`rollout.py`); the second is the masked LM
+loss on pretraining batches, added to the same minibatch loss with
+coefficient `ptx_coef` (gamma), so both gradients land in one update -- the
+paper computes them in consecutive steps into the same buffer, which is the
+same sum. The value function is a separate model (initialised from the RM)
+with its own optimizer and learning rate, as in the paper.
+
+State (a dict pytree, checkpointed as is):
+  params, opt_state            the policy and its optimizer
+  value_params, value_opt_state
+  ema                          EMA of the policy params (or the params if off)
+  kl_coef                      beta (adaptive if kl_target > 0)
+  step                         PPO iterations done
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from instructrl import losses
+from instructrl.rollout import Experience, response_logprobs, response_values
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  epochs: int = 1
+  minibatch_size: int = 64
+  clip_eps: float = 0.2
+  value_clip_eps: float = 0.2
+  ptx_coef: float = 27.8  # gamma; 0 = plain PPO.
+  ema_decay: float = 0.0  # 0.992 in the paper; 0 = off.
+  kl_target: float = 0.0  # > 0: adaptive KL controller (Ziegler et al. 2019).
+  kl_horizon: int = 10000
+
+
+def init_state(policy_params, value_params, policy_tx, value_tx, kl_coef: float):
+  return {"params": policy_params, "opt_state": policy_tx.init(policy_params),
+          "value_params": value_params,
+          "value_opt_state": value_tx.init(value_params),
+          "ema": jax.tree.map(jnp.copy, policy_params),
+          "kl_coef": jnp.asarray(kl_coef, jnp.float32),
+          "step": jnp.zeros((), jnp.int32)}
+
+
+def _policy_loss(params, mb: Experience, ptx, key, graphdef, cfg: PPOConfig):
+  logp = response_logprobs(graphdef, params, mb.seq, mb.seq_mask, mb.response)
+  loss, metrics = losses.ppo_policy_loss(logp, mb.logp, mb.advantages, mb.mask,
+                                         cfg.clip_eps)
+  metrics = {"policy_loss": loss, **{k: v for k, v in metrics.items() if k != "loss"}}
+  if ptx is not None and cfg.ptx_coef:
+    logits, _ = nnx.merge(graphdef, params)(ptx["tokens"], ptx["positions"],
+                                            ptx["segment_ids"])
+    ptx_loss, _ = losses.masked_lm_loss(logits, ptx["targets"], ptx["loss_mask"])
+    loss = loss + cfg.ptx_coef * ptx_loss
+    metrics["ptx_loss"] = ptx_loss
+  del key
+  return loss, metrics
+
+
+def _value_loss(params, mb: Experience, graphdef, cfg: PPOConfig):
+  values = response_values(graphdef, params, mb.seq, mb.seq_mask, mb.response.shape[1])
+  loss, metrics = losses.value_loss(values, mb.values, mb.returns, mb.mask,
+                                    cfg.value_clip_eps)
+  return loss, {"value_loss": loss, "value_clip_fraction": metrics["value_clip_fraction"]}
+
+
+def _minibatch_update(state, xs, *, graphdefs, txs, cfg: PPOConfig):
+  mb, ptx, key = xs
+  (_, pm), g = jax.value_and_grad(_policy_loss, has_aux=True)(
+      state["params"], mb, ptx, key, graphdefs["policy"], cfg)
+  updates, opt_state = txs["policy"].update(g, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  (_, vm), vg = jax.value_and_grad(_value_loss, has_aux=True)(
+      state["value_params"], mb, graphdefs["value"], cfg)
+  vupdates, vopt = txs["value"].update(vg, state["value_opt_state"],
+                                       state["value_params"])
+  value_params = optax.apply_updates(state["value_params"], vupdates)
+  d = cfg.ema_decay
+  ema = (jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], params)
+         if d else params)
+  new = dict(state, params=params, opt_state=opt_state, value_params=value_params,
+             value_opt_state=vopt, ema=ema)
+  return new, {**pm, **vm, "grad_norm": optax.tree.norm(g),
+               "value_grad_norm": optax.tree.norm(vg)}
+
+
+def _minibatches(tree, n: int, perm=None):
+  def one(x):
+    if perm is not None:
+      x = x[perm]
+    return x.reshape((n, x.shape[0] // n) + x.shape[1:])
+  return jax.tree.map(one, tree)
+
+
+def learn(state, exp: Experience, ptx, rng, rollout_kl, *, graphdefs, txs,
+          cfg: PPOConfig):
+  """One PPO iteration's updates: `epochs` passes over shuffled minibatches.
+
+  `ptx` holds this iteration's pretraining rows (split evenly over the
+  minibatches), or None. `rollout_kl` is the mean sequence KL of the
+  rollout, used by the adaptive controller. Returns (state, metrics).
+  """
+  b = exp.seq.shape[0]
+  if b % cfg.minibatch_size:
+    raise ValueError(f"ppo batch {b} does not split into minibatches of "
+                     f"{cfg.minibatch_size}")
+  n = b // cfg.minibatch_size
+  ptx_mb = None if ptx is None else _minibatches(ptx, n)
+  update = lambda s, xs: _minibatch_update(s, xs, graphdefs=graphdefs, txs=txs,
+                                           cfg=cfg)
+  key = jax.random.fold_in(rng, state["step"])
+
+  def epoch(s, e):
+    k = jax.random.fold_in(key, e)
+    mbs = _minibatches(exp, n, jax.random.permutation(k, b))
+    keys = jax.random.split(k, n)
+    return jax.lax.scan(update, s, (mbs, ptx_mb, keys))
+  state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.epochs))
+  metrics = jax.tree.map(jnp.mean, metrics)
+  kl_coef = state["kl_coef"]
+  if cfg.kl_target > 0:
+    err = jnp.clip(rollout_kl / cfg.kl_target - 1.0, -0.2, 0.2)
+    kl_coef = kl_coef * (1.0 + err * b / cfg.kl_horizon)
+  state = dict(state, kl_coef=kl_coef, step=state["step"] + 1)
+  return state, dict(metrics, lr=state["opt_state"][1].hyperparams["learning_rate"])

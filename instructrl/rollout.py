@@ -1,0 +1,135 @@
+"""PPO experience as one XLA program: sample -> score -> reference/value -> GAE.
+
+For a batch of prompts (left-padded, [B, L]) the policy samples N new tokens
+at temperature 1 with the compiled sampler; the sampler's own raw
+log-probabilities are the old policy's log-probs (no second forward). Then,
+in the same program:
+
+  ref_logp_t  = log pi_SFT(y_t | x, y_<t)            (frozen SFT reference)
+  kl_t        = logp_t - ref_logp_t                   (k1, per token)
+  r_t         = -beta * kl_t + [t = last] * (RM(x, y) - its bias-free offset)
+  V_t         = value model at the state before y_t   (init from the RM)
+  A, R        = GAE(r, V, gamma=1, lambda)            (the paper: no discount)
+
+All shapes: responses [B, N] with `mask` marking generated tokens (EOS
+included). The full sequence is [B, L + N]; its real-token mask is the prompt
+mask followed by the response mask, and positions count real tokens only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from instructrl import losses
+from instructrl.model.transformer import last_token_values
+from instructrl.sampling import SampleConfig, sample
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  max_new_tokens: int = 32
+  temperature: float = 1.0
+  eos_id: int = 1
+  pad_id: int = 0
+  gamma: float = 1.0
+  lam: float = 0.95
+  kl_kind: str = "k1"
+  whiten_advantages: bool = True
+  # Responses that never emit EOS get this added to their score (0 = off).
+  no_eos_penalty: float = 0.0
+
+
+class Experience(NamedTuple):
+  seq: jax.Array  # [B, L+N] int32 prompt then response.
+  seq_mask: jax.Array  # [B, L+N] bool real tokens.
+  response: jax.Array  # [B, N] int32.
+  mask: jax.Array  # [B, N] bool generated tokens.
+  logp: jax.Array  # [B, N] old policy log-probs (from the sampler).
+  ref_logp: jax.Array  # [B, N] SFT log-probs.
+  values: jax.Array  # [B, N] old values.
+  rewards: jax.Array  # [B, N] per-token rewards.
+  advantages: jax.Array  # [B, N].
+  returns: jax.Array  # [B, N].
+  score: jax.Array  # [B] RM score (with its bias: demonstrations ~ 0).
+
+
+def sequence_inputs(seq_mask):
+  """Positions and segment ids for a left-padded [B, L+N] sequence."""
+  positions = jnp.maximum(jnp.cumsum(seq_mask, axis=1) - 1, 0).astype(jnp.int32)
+  return positions, seq_mask.astype(jnp.int32)
+
+
+def response_logprobs(graphdef, params, seq, seq_mask, response, dropout_key=None):
+  """log pi(y_t | ...) for the N response tokens of a [B, L+N] sequence."""
+  positions, seg = sequence_inputs(seq_mask)
+  logits, _ = nnx.merge(graphdef, params)(seq, positions, seg,
+                                          dropout_key=dropout_key)
+  n = response.shape[1]
+  return losses.token_logprobs(logits[:, -n - 1:-1], response)
+
+
+def response_values(graphdef, params, seq, seq_mask, n: int):
+  """V at the state before each response token: [B, N]."""
+  positions, seg = sequence_inputs(seq_mask)
+  values = nnx.merge(graphdef, params)(seq, positions, seg)
+  return values[:, -n - 1:-1]
+
+
+def sequence_scores(graphdef, params, seq, seq_mask):
+  """The reward model read at each row's last real token: [B]."""
+  positions, seg = sequence_inputs(seq_mask)
+  values = nnx.merge(graphdef, params)(seq, positions, seg)
+  return last_token_values(values, seq_mask)
+
+
+def shape_rewards(score, logp, ref_logp, mask, kl_coef, kl_kind: str = "k1"):
+  """Per-token reward: -beta * KL_t everywhere, plus the score on the last token.
+
+  Returns (rewards [B, N], kl [B, N]); both zero outside the mask.
+  """
+  kl = jnp.where(mask, losses.kl_penalty(logp, ref_logp, kl_kind), 0.0)
+  t = jnp.arange(mask.shape[1])
+  last = jnp.max(jnp.where(mask, t, -1), axis=1)
+  final = (t[None, :] == last[:, None]) & mask
+  rewards = -kl_coef * kl + jnp.where(final, score[:, None], 0.0)
+  return jnp.where(mask, rewards, 0.0), kl
+
+
+def make_experience(models: dict, params: dict, prompt_tokens, prompt_mask, key,
+                    kl_coef, rc: RolloutConfig) -> tuple[Experience, dict]:
+  """The whole rollout phase; `models`/`params` keyed policy, ref, rm, value."""
+  sc = SampleConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+                    eos_id=rc.eos_id, pad_id=rc.pad_id)
+  out = sample(models["policy"], params["policy"], prompt_tokens, prompt_mask, key, sc)
+  mask = out.response_mask
+  seq_mask = jnp.concatenate([prompt_mask.astype(bool), mask], axis=1)
+  seq, n = out.tokens, rc.max_new_tokens
+  ref_logp = response_logprobs(models["ref"], params["ref"], seq, seq_mask,
+                               out.response)
+  score = sequence_scores(models["rm"], params["rm"], seq, seq_mask)
+  ended = jnp.any(mask & (out.response == rc.eos_id), axis=1)
+  score = score + jnp.where(ended, 0.0, rc.no_eos_penalty)
+  values = jnp.where(mask, response_values(models["value"], params["value"], seq,
+                                           seq_mask, n), 0.0)
+  logp = jnp.where(mask, out.logp_raw, 0.0)
+  rewards, kl = shape_rewards(score, logp, ref_logp, mask, kl_coef, rc.kl_kind)
+  adv, ret = losses.gae(rewards, values, mask, rc.gamma, rc.lam)
+  if rc.whiten_advantages:
+    adv = losses.whiten(adv, mask)
+  exp = Experience(seq, seq_mask, out.response, mask, logp, ref_logp, values,
+                   rewards, adv, ret, score)
+  lengths = jnp.sum(mask, axis=1)
+  metrics = {
+      "score": jnp.mean(score),
+      "kl": jnp.mean(jnp.sum(kl, axis=1)),  # Sequence KL to SFT, per episode.
+      "kl_coef": kl_coef,
+      "reward": jnp.mean(jnp.sum(rewards, axis=1)),
+      "response_len": jnp.mean(lengths),
+      "eos_rate": jnp.mean(ended),
+      "value_mean": jnp.sum(values) / jnp.maximum(jnp.sum(mask), 1),
+  }
+  return exp, metrics
