@@ -19,6 +19,7 @@ setup(
         "einops",
         "absl-py",
         "numpy",
+        "matplotlib",  # PNG plots of the eval stage.
     ],
     extras_require={
         "data": [

@@ -61,6 +61,11 @@ def get_config(arg: str = ""):
       ema_decay=0.0, prompt_len=48, max_new_tokens=24, no_eos_penalty=0.0,
       log_every=5, save_every=20))
 
+  # Evaluation on the held-out test prompts (gold judge; the paper's Fig. 1).
+  c.eval = mlc.ConfigDict(dict(
+      num_prompts=0, batch_size=64, max_new_tokens=24, fewshot=3,
+      fewshot_prompt_len=112, heldout_batches=8))
+
   if "tiny" in variants:
     c.data.vocab = "byte"
     c.data.world.update(sft=64, rm=32, ppo=32, validation=16, test=16)
@@ -74,4 +79,6 @@ def get_config(arg: str = ""):
     c.ppo.update(iterations=4, batch_size=8, minibatch_size=4, prompt_len=144,
                  max_new_tokens=16, ptx_ratio=1, ptx_seq_len=32, log_every=1,
                  save_every=2, warmup_iterations=1)
+    c.eval.update(num_prompts=8, batch_size=8, max_new_tokens=16, fewshot=1,
+                  fewshot_prompt_len=176, heldout_batches=2)
   return c

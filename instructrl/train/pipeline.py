@@ -10,7 +10,7 @@ import jax
 from instructrl import mesh as mesh_lib
 from instructrl.train import common
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "eval")
 
 
 def _user_errors():
@@ -43,6 +43,9 @@ def run_stage(config, workdir: str, stage: str, mesh) -> dict:
     if stage in ("ppo", "ppo_ptx"):
       from instructrl.train import ppo  # pylint: disable=g-import-not-at-top
       return ppo.run_ppo_stage(config, workdir, mesh, stage)
+    if stage == "eval":
+      from instructrl.train import evaluate  # pylint: disable=g-import-not-at-top
+      return evaluate.run_eval_stage(config, workdir, mesh)
   except ValueError as e:
     # Shape/divisibility mistakes found while building a stage name their key.
     if "does not divide" in str(e) or "config key" in str(e):
@@ -59,13 +62,14 @@ def run(config, workdir: str) -> dict:
     return {config.stage: run_stage(config, workdir, config.stage, mesh)}
   results = {}
   for stage in STAGES:
-    if common.is_done(workdir, stage):
+    if stage != "eval" and common.is_done(workdir, stage):
       results[stage] = dict(common.read_info(workdir, stage), reused=True)
       print(f"[{stage}] already done in {common.stage_dir(workdir, stage)}; reusing")
       continue
     t0 = time.monotonic()
     results[stage] = run_stage(config, workdir, stage, mesh)
     print(f"[{stage}] done in {time.monotonic() - t0:.1f}s")
+  results["eval"].pop("report", None)  # Printed above; in eval/report.json.
   print(summary_table(results))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w") as f:

@@ -26,7 +26,7 @@ def _draw_in_split(rng, split, draw, key_of):
 
 
 class Sort(base.Family):
-  """Sort 3-5 numbers, ascending or descending."""
+  """Sort 3-4 numbers, ascending or descending."""
   name = "sort"
   templates = (
       "Sort these numbers {order}: {nums}.",

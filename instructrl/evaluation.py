@@ -1,0 +1,105 @@
+"""Evaluation against the gold judge: win rates, utilities, the alignment tax.
+
+The host-side part of the eval stage: given each model's decoded responses to
+the held-out test prompts, compare them with the SFT baseline's responses
+under the gold judge (the simulated "human evaluation" of the paper's
+Figure 1) and aggregate per model and per instruction family. Only this
+module and the eval stage ever call the gold judge; neither the policy nor
+the reward model sees it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def win_rate(outcomes: Sequence[float], z: float = 1.96) -> dict:
+  """Mean of outcomes in {0, 0.5, 1} with a normal-approximation CI.
+
+  A tie counts half a win, as in the paper's pairwise comparisons. The
+  interval is mean +- z * sd / sqrt(n) with the sample sd of the outcomes
+  (this accounts for ties, unlike the Bernoulli p(1-p) form).
+  """
+  n = len(outcomes)
+  if n == 0:
+    return {"rate": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+  mean = sum(outcomes) / n
+  var = sum((o - mean) ** 2 for o in outcomes) / max(n - 1, 1)
+  half = z * math.sqrt(var / n)
+  return {"rate": mean, "lo": max(0.0, mean - half), "hi": min(1.0, mean + half),
+          "n": n}
+
+
+def judge_against(prompts, responses: Sequence[str], baseline: Sequence[str]):
+  """Per prompt: (outcome for `responses` vs `baseline`, utility, baseline utility)."""
+  from instructrl.data import world  # pylint: disable=g-import-not-at-top
+  out = []
+  for p, a, b in zip(prompts, responses, baseline):
+    j = world.gold_judge(p, a, b)
+    outcome = 0.5 if j.tie else (1.0 if j.preferred == 0 else 0.0)
+    out.append((outcome, j.utility_a, j.utility_b))
+  return out
+
+
+def behaviour(prompt, response: str) -> dict:
+  """The paper's metadata (Table 3) for one response, from the family's Score."""
+  s = prompt.score(response)
+  return {"correct": float(s.exact), "hallucination": float(s.extra_words > 0),
+          "constraint_violation": float(s.broken > 0)}
+
+
+def summarise(prompts, by_model: dict[str, list[str]], baseline: str = "sft",
+              extra: dict[str, dict] | None = None) -> dict:
+  """The report: per model overall and per family numbers.
+
+  `by_model` maps model name -> decoded responses (same order as prompts);
+  `extra` adds per-model scalars computed on device (RM score, KL, tax).
+  """
+  base = by_model[baseline]
+  families = sorted({p.family for p in prompts})
+  report = {}
+  for name, responses in by_model.items():
+    judged = judge_against(prompts, responses, base)
+    meta = [behaviour(p, r) for p, r in zip(prompts, responses)]
+    entry = {"win_rate_vs_" + baseline: win_rate([o for o, _, _ in judged]),
+             "gold_utility": _mean([u for _, u, _ in judged])}
+    for key in ("correct", "hallucination", "constraint_violation"):
+      entry[key + "_rate"] = _mean([m[key] for m in meta])
+    entry["families"] = {}
+    for fam in families:
+      idx = [i for i, p in enumerate(prompts) if p.family == fam]
+      entry["families"][fam] = {
+          "win_rate": win_rate([judged[i][0] for i in idx])["rate"],
+          "gold_utility": _mean([judged[i][1] for i in idx]),
+          "hallucination_rate": _mean([meta[i]["hallucination"] for i in idx]),
+          "constraint_violation_rate": _mean(
+              [meta[i]["constraint_violation"] for i in idx]),
+          "n": len(idx)}
+    entry.update((extra or {}).get(name, {}))
+    report[name] = entry
+  return report
+
+
+def _mean(xs) -> float:
+  xs = list(xs)
+  return sum(xs) / len(xs) if xs else float("nan")
+
+
+def table(report: dict, baseline: str = "sft") -> str:
+  """The short summary table printed at the end of the pipeline."""
+  cols = ("model", f"win vs {baseline} [95% CI]", "gold u", "RM score", "KL to SFT",
+          "heldout LM loss", "halluc.", "constr.")
+  rows = [cols]
+  for name, e in report.items():
+    w = e[f"win_rate_vs_{baseline}"]
+    rows.append((name, f"{w['rate']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}]",
+                 f"{e['gold_utility']:.3f}", _fmt(e.get("rm_score")),
+                 _fmt(e.get("kl_to_sft")), _fmt(e.get("heldout_lm_loss")),
+                 f"{e['hallucination_rate']:.3f}",
+                 f"{e['constraint_violation_rate']:.3f}"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def _fmt(x) -> str:
+  return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,135 @@
+"""The eval stage: every finished model on the held-out test prompts.
+
+Models: the base model with a few-shot prompt (the paper's "GPT (prompted)"),
+SFT, PPO and PPO-ptx. Each answers every test prompt greedily; the gold judge
+compares each answer with SFT's. On device we also measure the RM score of
+the answers, the KL to SFT (on temperature-1 samples from the model) and the
+held-out pretraining-corpus loss (the alignment tax). Writes
+`eval/report.json`, `eval/samples.jsonl` and PNG plots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructrl import evaluation
+from instructrl import mesh as mesh_lib
+from instructrl import rollout as rollout_lib
+from instructrl.model import LanguageModel, ScalarModel
+from instructrl.model.sharded import abstract
+from instructrl.sampling import SampleConfig, make_sampler
+from instructrl.train import common
+from instructrl.train.stages import _batch_eval, _iterator, _lm_eval_step, model_config
+
+MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("ppo_ptx", "ppo_ptx"))
+
+
+def _fewshot_prefix(config, n: int) -> str:
+  from instructrl.data import world  # pylint: disable=g-import-not-at-top
+  demos = world.get_world(world.WorldConfig.from_dict(dict(config.data.world))).demos(
+      "train")
+  # One demonstration per family when possible, so every task is shown.
+  seen, picked = set(), []
+  for d, p in zip(demos, world.get_world(world.WorldConfig.from_dict(
+      dict(config.data.world))).prompts("sft", "train")):
+    if p.family not in seen and len(picked) < n:
+      seen.add(p.family)
+      picked.append(f"{d.prompt} {d.completion}\n\n")
+  return "".join(picked)
+
+
+def _prompt_batches(config, texts, seq_len, batch_size):
+  from instructrl.data import common as dcommon  # pylint: disable=g-import-not-at-top
+  from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
+  records = [dcommon.PromptRecord(t, f"test:{i}") for i, t in enumerate(texts)]
+  return pipeline.iterator_from_records(
+      "prompts", records, batch_size=batch_size, seq_len=seq_len,
+      vocab=config.data.vocab, infinite=False)
+
+
+def _answers(config, graphdef, sh, params, texts, seq_len, mesh, rm, ref, vocab):
+  """Greedy answers (decoded), their RM scores, and the sampled KL to SFT."""
+  ec = config.eval
+  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
+  greedy = make_sampler(graphdef, sh, SampleConfig(ec.max_new_tokens, 0.0,
+                                                   eos_id=EOS_ID), mesh)
+  temp1 = make_sampler(graphdef, sh, SampleConfig(ec.max_new_tokens, 1.0,
+                                                  eos_id=EOS_ID), mesh)
+  score_fn = jax.jit(lambda p, s, m: rollout_lib.sequence_scores(rm[0], p, s, m))
+  ref_fn = jax.jit(lambda p, s, m, r: rollout_lib.response_logprobs(ref[0], p, s, m, r))
+  answers, scores, kls = [], [], []
+  it = _prompt_batches(config, texts, seq_len, ec.batch_size)
+  for i, batch in enumerate(it):
+    b = mesh_lib.put_batch(batch, mesh)
+    out = greedy(params, b["prompt_tokens"], b["prompt_mask"], jax.random.key(0))
+    seq_mask = jnp.concatenate([b["prompt_mask"], out.response_mask], axis=1)
+    with jax.set_mesh(mesh):
+      s = score_fn(rm[1], out.tokens, seq_mask)
+      smp = temp1(params, b["prompt_tokens"], b["prompt_mask"], jax.random.key(i + 1))
+      sm = jnp.concatenate([b["prompt_mask"], smp.response_mask], axis=1)
+      ref_lp = ref_fn(ref[1], smp.tokens, sm, smp.response)
+    kl = jnp.sum(jnp.where(smp.response_mask, smp.logp_raw - ref_lp, 0.0), axis=1)
+    real = np.asarray(batch["prompt_mask"]).any(axis=1)
+    resp, mask = np.asarray(out.response), np.asarray(out.response_mask)
+    for r in range(len(real)):
+      if real[r]:
+        ids = [int(t) for t, m in zip(resp[r], mask[r]) if m and t != EOS_ID]
+        answers.append(vocab.decode(ids))
+    scores.extend(np.asarray(s)[real].tolist())
+    kls.extend(np.asarray(kl)[real].tolist())
+  return answers[:len(texts)], float(np.mean(scores)), float(np.mean(kls))
+
+
+def run_eval_stage(config, workdir: str, mesh) -> dict:
+  from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
+  t0 = time.monotonic()
+  ec = config.eval
+  cfg = model_config(config)
+  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+  prompts = pipeline.get_prompts("world", "test", world=dict(config.data.world))
+  if ec.num_prompts:
+    prompts = prompts[:ec.num_prompts]
+  g_lm, abs_lm = abstract(LanguageModel, cfg)
+  g_sc, abs_sc = abstract(ScalarModel, cfg)
+  sh_lm = mesh_lib.state_shardings(abs_lm, mesh)
+  rm = (g_sc, common.load_export(workdir, "rm", abs_sc,
+                                 mesh_lib.state_shardings(abs_sc, mesh)))
+  sft = common.load_export(workdir, "sft", abs_lm, sh_lm)
+  lm_eval = _lm_eval_step(g_lm, mesh)
+  heldout = _iterator(config, "lm", config.pretrain.data, "validation",
+                      ec.batch_size, config.pretrain.seq_len, config.seed,
+                      infinite=False)
+  prefix = _fewshot_prefix(config, ec.fewshot)
+  by_model, extra, samples = {}, {}, []
+  for name, stage in MODELS:
+    if not common.is_done(workdir, stage):
+      continue
+    params = sft if stage == "sft" else common.load_export(workdir, stage, abs_lm, sh_lm)
+    texts = [(prefix if name == "base" else "") + p.text for p in prompts]
+    seq_len = ec.fewshot_prompt_len if name == "base" else config.ppo.prompt_len
+    answers, score, kl = _answers(config, g_lm, sh_lm, params, texts, seq_len, mesh,
+                                  rm, (g_lm, sft), vocab)
+    by_model[name] = answers
+    lm = _batch_eval(lm_eval, params, heldout, mesh, ec.heldout_batches)
+    extra[name] = {"rm_score": score, "kl_to_sft": kl, "heldout_lm_loss": lm["loss"]}
+  report = evaluation.summarise(prompts, by_model, "sft", extra)
+  out = os.path.join(workdir, "eval")
+  os.makedirs(out, exist_ok=True)
+  for name, answers in by_model.items():
+    for p, a in zip(prompts, answers):
+      samples.append({"prompt": p.text, "family": p.family, "model": name,
+                      "response": a, "reference": p.reference,
+                      "gold_utility": p.utility(a)})
+  with open(os.path.join(out, "samples.jsonl"), "w") as f:
+    f.writelines(json.dumps(s) + "\n" for s in samples)
+  with open(os.path.join(out, "report.json"), "w") as f:
+    json.dump(report, f, indent=1)
+  from instructrl import plot  # pylint: disable=g-import-not-at-top
+  plot.eval_plots(workdir, report)
+  print(evaluation.table(report))
+  return {"stage": "eval", "report": report, "wall_s": time.monotonic() - t0}
