@@ -48,7 +48,7 @@ def get_config(arg: str = ""):
   c.sft = _lm_stage(data="world", init="pretrain", epochs=2.0, batch_size=32,
                     seq_len=64, lr=5e-4, dropout=0.1, eval_every=50)
   # Stage 2: the reward model from SFT weights; Eq. 1 over all C(K,2) pairs.
-  c.rm = _lm_stage(data="world", init="sft", epochs=1.0, batch_size=16, seq_len=64,
+  c.rm = _lm_stage(data="world", init="sft", epochs=1.0, batch_size=16, seq_len=80,
                    lr=2e-4, eval_every=50, heldout_group=4, demo_data="world",
                    demo_batches=8)
 

@@ -84,6 +84,7 @@ def atomic_write(path: str, data: bytes) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is meant to be shared.
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -1,0 +1,297 @@
+"""The miniature world: references, gold utility, labelers, splits, judge.
+
+Pure Python (no TensorFlow): these run in a couple of seconds.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from instructrl.data import labelers
+from instructrl.data import lexicon
+from instructrl.data import utility
+from instructrl.data import world
+from instructrl.data.families import FAMILIES
+from instructrl.data.families import TEMPLATE_SPLITS
+
+
+def _prompt(family, spec, template=0):
+  return world.make_prompt(family, spec, template, "train")
+
+
+@pytest.fixture(scope="module")
+def default_world():
+  return world.World()
+
+
+# (family, spec, reference, [(response, gold utility)]) -- computed by hand
+# from the rules in families/ and utility.combine (docs/data.md).
+HAND_CHECKED = [
+    ("reverse", {"word": "apple"}, "elppa", [
+        ("elppa", 1.0),
+        ("elppa.", 1.0),
+        ("elppa I hope this helps.", 0.5),  # 4 extra words: 1 / (1 + 1).
+        ("ELPPA", 0.8),                     # Right letters, wrong case.
+        ("elpa", 0.56),                     # 0.7 * (1 - 1/5).
+        ("apple", 0.14),                    # 0.7 * (1 - 4/5).
+        ("", 0.0),
+    ]),
+    ("case", {"words": "apple pie", "text": "apple pie", "mode": "upper",
+              "how": "capital letters"}, "APPLE PIE", [
+                  ("APPLE PIE", 1.0),
+                  ("apple pie", 0.2),   # 0.2 + 0.6 * 0/8 letters in case.
+                  ("APPLE pie", 0.575),  # 0.2 + 0.6 * 5/8.
+                  ("APPLE PIE please", 0.8),
+              ]),
+    ("sort", {"nums": [7, 3, 9, 1], "direction": "asc",
+              "order": "from smallest to largest"}, "1, 3, 7, 9", [
+                  ("1, 3, 7, 9", 1.0),
+                  ("1 3 7 9", 1.0),
+                  ("1, 3, 9, 7", 0.6),    # Same numbers, 2/4 in place.
+                  ("1, 3, 7", 0.375),     # A number lost: 0.5 * 3/4.
+                  ("9, 7, 3, 1", 0.3),    # Wrong direction: 0.3 + 0.
+                  ("1, 3, 7, 9. Done", 0.8),
+              ]),
+    ("arithmetic", {"a": 7, "b": 5, "op": "+"}, "12", [
+        ("12", 1.0), ("12.", 1.0), ("13", 0.4), ("10", 0.2), ("15", 0.0),
+        ("twelve", 0.0), ("12 because 7 + 5 = 12", 0.4),  # 6 extra words.
+    ]),
+    ("repeat", {"phrase": "cat", "count": 3, "as_word": False}, "cat cat cat", [
+        ("cat cat cat", 1.0),
+        ("cat cat cat.", 1.0),
+        ("cat cat", 2 / 3),
+        ("cat cat cat cat", 2 / 3),
+        ("cat, cat, cat", 0.5),     # Right count, broken separator.
+        ("cat cat cat meow", 0.8),
+    ]),
+    ("count", {"word": "banana", "letter": "a"}, "3", [
+        ("3", 1.0), ("2", 0.4), ("6", 0.0), ("3 times", 0.8),
+    ]),
+    ("kth_word", {"sentence": "lake moon rice gold", "k": 2}, "moon", [
+        ("moon", 1.0), ("Moon", 0.8), ("lake", 0.25), ("sun", 0.0),
+        ("moon rice", 0.8),
+    ]),
+    ("context_qa", {"facts": [["Mia", "Oslo"], ["Tom", "Lima"]],
+                    "name": "Tom"}, "Lima", [
+                        ("Lima", 1.0), ("Lima.", 1.0), ("Oslo", 0.2),
+                        ("Paris", 0.0), ("unknown", 0.1),
+                        ("Lima or Oslo", 2 / 3),
+                    ]),
+    ("context_qa", {"facts": [["Mia", "Oslo"], ["Tom", "Lima"]],
+                    "name": "Ana"}, "unknown", [
+                        ("unknown", 1.0), ("Oslo", 0.0), ("Paris", 0.0),
+                    ]),
+    ("list", {"category": "colors", "count": 3, "exclude": "red",
+              "as_word": False, "answer": ["blue", "green", "pink"]},
+     "blue, green, pink", [
+         ("blue, green, pink", 1.0),
+         ("gray, white, black", 1.0),      # Any valid answer is right.
+         ("blue, green", 1 / 3),           # Too few: 2/3 credit * 0.5.
+         ("blue, green, red", 1 / 3),      # Excluded item: 2/3 * 0.5.
+         ("blue green pink", 0.5),         # No commas.
+         ("blue, green, pink, gray", 0.5),  # Too many.
+         ("blue, green, pink I hope", 2 / 3),
+         ("blue, blue, blue", 1 / 3),      # Duplicates count once.
+     ]),
+]
+
+
+@pytest.mark.parametrize("family,spec,reference,cases", HAND_CHECKED)
+def test_reference_and_gold_utility(family, spec, reference, cases):
+  p = _prompt(family, spec)
+  assert p.reference == reference
+  assert p.utility(reference) == 1.0
+  for response, expected in cases:
+    assert p.utility(response) == pytest.approx(expected), response
+
+
+def test_every_family_is_covered_and_has_ten_templates():
+  assert len(FAMILIES) >= 8
+  assert {f for f, *_ in HAND_CHECKED} == set(FAMILIES)
+  for fam in FAMILIES.values():
+    assert len(fam.templates) == 10
+    assert len(set(fam.templates)) == 10
+
+
+def test_prompts_end_with_answer_marker_and_references_are_short(
+    default_world):
+  for p in default_world.prompts("sft", "train"):
+    assert p.text.endswith("\nAnswer:")
+    assert p.utility(p.reference) == 1.0
+    assert 1 <= len(p.reference.split()) <= 5
+    assert len(p.reference) <= 40
+
+
+def test_labeler_groups_weigh_differently():
+  p = _prompt("reverse", {"word": "apple"})
+  trailing = "elppa I hope this helps."
+  scores = {g.name: p.utility(trailing, g.prefs) for g in labelers.GROUPS}
+  assert len(labelers.GROUPS) >= 5
+  assert scores["brevity"] < scores["guidelines"] < scores["lenient"]
+  assert p.utility("elppa", labelers.GROUPS[1].prefs) == pytest.approx(
+      1 / 1.05)  # Brevity group: length cost on one word.
+  lst = _prompt("list", HAND_CHECKED[-1][1])
+  assert lst.utility("blue green pink", labelers.GROUPS[4].prefs) == 0.25
+
+
+def test_gold_judge_prefers_higher_utility_then_shorter():
+  p = _prompt("arithmetic", {"a": 7, "b": 5, "op": "+"})
+  j = world.gold_judge(p, "13", "12")
+  assert (j.preferred, j.tie) == (1, False)
+  assert (j.utility_a, j.utility_b) == pytest.approx((0.4, 1.0))
+  j = world.gold_judge(p, "fifteen", "15")  # Both 0: the shorter wins.
+  assert j.tie and j.preferred == 1
+  assert world.gold_judge(p, "15", "fifteen").preferred == 0
+
+
+def test_rank_responses_orders_by_utility_at_low_temperature():
+  p = _prompt("sort", HAND_CHECKED[2][1])
+  responses = ["9, 7, 3, 1", "1, 3, 7, 9", "1, 3, 9, 7"]
+  ranks = labelers.rank_responses(p, responses, seed=0, temperature=1e-4)
+  assert ranks == [2, 0, 1]
+  noisy = labelers.rank_responses(p, responses, group=3, seed=1)
+  assert sorted(noisy) == [0, 1, 2]
+
+
+def test_inter_labeler_agreement_is_about_73_percent(default_world):
+  prompts = default_world.prompts("rm", "train")
+  responses = [c.completions for c in default_world.comparisons("train")]
+  rate = labelers.measure_agreement(prompts, responses, seed=0)
+  assert rate == pytest.approx(0.73, abs=0.03)
+  # The pairwise model: P(agree) = p^2 + (1-p)^2 with p = sigmoid(du / T).
+  du = 0.2
+  p = 1 / (1 + np.exp(-du / labelers.TEMPERATURE))
+  rng = np.random.default_rng(0)
+  u = np.array([du, 0.0])
+  agree = np.mean([labelers.pair_agreement(labelers.rank_utilities(u, rng),
+                                           labelers.rank_utilities(u, rng))[0]
+                   for _ in range(4000)])
+  assert agree == pytest.approx(p**2 + (1 - p)**2, abs=0.03)
+
+
+def test_comparisons_shape_and_labels(default_world):
+  comps = default_world.comparisons("train")
+  assert len(comps) == world.WorldConfig().rm
+  ks = {len(c.completions) for c in comps}
+  assert ks == set(range(4, 10))
+  groups = {c.group for c in comps}
+  assert groups == set(range(labelers.NUM_GROUPS))
+  for c in comps:
+    assert sorted(c.ranks) == list(range(len(c.completions)))
+    assert len(set(c.completions)) == len(c.completions)
+    assert all(r.strip() for r in c.completions)
+  # Labelers mostly put a better response first: the gold utility of their
+  # top choice beats the average response by a wide margin.
+  prompts = default_world.prompts("rm", "train")
+  top = np.mean([p.utility(c.completions[c.ranks.index(0)])
+                 for p, c in zip(prompts, comps)])
+  mean = np.mean([np.mean(labelers.utilities(p, c.completions))
+                  for p, c in zip(prompts, comps)])
+  assert top > mean + 0.3
+
+
+def test_utility_is_graded_not_binary(default_world):
+  pairs = zip(default_world.prompts("rm", "train"),
+              default_world.comparisons("train"))
+  u = np.concatenate([labelers.utilities(p, c.completions) for p, c in pairs])
+  assert ((u > 0) & (u < 1)).mean() > 0.5
+  assert len(np.unique(np.round(u, 3))) > 20
+
+
+def test_splits_never_leak_templates_entities_or_prompts(default_world):
+  by_split = {}
+  for split in ("train", "validation", "test"):
+    ps = [p for k in world.KINDS for p in default_world.prompts(k, split)]
+    by_split[split] = ps
+    for p in ps:
+      assert p.template in TEMPLATE_SPLITS[split], p
+      assert p.split == split
+  templates = lambda ps: {FAMILIES[p.family].templates[p.template] for p in ps}
+  for a, b in (("train", "validation"), ("train", "test"),
+               ("validation", "test")):
+    ents_a = {e for p in by_split[a] for e in p.entities}
+    ents_b = {e for p in by_split[b] for e in p.entities}
+    assert not ents_a & ents_b, (a, b, sorted(ents_a & ents_b)[:5])
+    assert not templates(by_split[a]) & templates(by_split[b])
+    assert not {p.text for p in by_split[a]} & {p.text for p in by_split[b]}
+  # Train's three datasets are disjoint too (the paper's Table 6).
+  train = [{p.text for p in default_world.prompts(k, "train")}
+           for k in world.KINDS]
+  assert sum(map(len, train)) == len(set.union(*train))
+  # Every family is evaluated.
+  assert {p.family for p in default_world.prompts("prompts", "test")} == set(
+      FAMILIES)
+
+
+def test_entity_pools_are_partitioned():
+  for pool in (lexicon.words, lexicon.names, lexicon.cities,
+               lexicon.list_topics):
+    parts = [set(pool(s)) for s in ("train", "validation", "test")]
+    assert all(parts)
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or
+                parts[1] & parts[2])
+  members = {w for ms in lexicon.CATEGORIES.values() for w in ms}
+  assert not members & set(lexicon.words("train"))
+
+
+def test_generation_is_deterministic_fast_and_configurable():
+  config = world.WorldConfig(seed=3, sft=200, rm=100, ppo=100, validation=50,
+                             test=50)
+  t = time.perf_counter()
+  a = world.World(config)
+  comps_a = a.comparisons("train")
+  assert time.perf_counter() - t < 3.0
+  b = world.World(config)
+  assert [p.text for p in a.prompts("sft", "train")] == [
+      p.text for p in b.prompts("sft", "train")]
+  assert comps_a == b.comparisons("train")
+  other = world.World(world.WorldConfig(seed=4, sft=200))
+  assert [p.text for p in other.prompts("sft", "train")] != [
+      p.text for p in a.prompts("sft", "train")]
+  assert len(a.prompts("prompts", "test")) == 50
+
+
+def test_world_config_from_plain_values():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict({"seed": 2, "sft": 10})
+  assert world.WorldConfig.from_dict(cfg) == world.WorldConfig(seed=2, sft=10)
+  assert world.WorldConfig.from_dict(None) == world.WorldConfig()
+  with pytest.raises(ValueError, match="unknown world options"):
+    world.WorldConfig.from_dict({"sizes": 3})
+
+
+def test_same_world_in_a_fresh_process(default_world):
+  """Hashes are stable across processes (no use of Python's `hash`)."""
+  code = ("import json; from instructrl.data import world; w = world.World();"
+          "c = w.comparisons('test')[:5];"
+          "print(json.dumps([[x.prompt, list(x.completions), list(x.ranks)]"
+          " for x in c]))")
+  env = dict(os.environ, PYTHONHASHSEED="123")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True, env=env)
+  here = [[x.prompt, list(x.completions), list(x.ranks)]
+          for x in default_world.comparisons("test")[:5]]
+  assert json.loads(out.stdout) == here
+
+
+def test_world_modules_do_not_import_tensorflow():
+  code = ("import sys; import instructrl.data.world, instructrl.data.jsonl,"
+          " instructrl.data.corpus, instructrl.data.labelers,"
+          " instructrl.data.pipeline, instructrl.data.report;"
+          " print(any(m.startswith(('tensorflow', 'seqio')) for m in"
+          " sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip() == "False"
+
+
+def test_combine_edge_cases():
+  s = utility.Score(exact=False, credit=0.5, extra_words=0, broken=0)
+  assert utility.combine(s, "x") == 0.5
+  assert utility.combine(s, "   ") == 0.0
+  lenient = utility.Preferences(partial_credit=3.0)
+  assert utility.combine(s, "x", lenient) == 1.0  # Clipped to [0, 1].
