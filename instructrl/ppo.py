@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 
 from instructrl import losses
+from instructrl import steps
 from instructrl.rollout import Experience, response_logprobs, response_values
 
 
@@ -134,4 +135,4 @@ def learn(state, exp: Experience, ptx, rng, rollout_kl, *, graphdefs, txs,
     err = jnp.clip(rollout_kl / cfg.kl_target - 1.0, -0.2, 0.2)
     kl_coef = kl_coef * (1.0 + err * b / cfg.kl_horizon)
   state = dict(state, kl_coef=kl_coef, step=state["step"] + 1)
-  return state, dict(metrics, lr=state["opt_state"][1].hyperparams["learning_rate"])
+  return state, dict(metrics, lr=steps.current_lr(state["opt_state"]))

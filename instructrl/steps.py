@@ -51,8 +51,12 @@ def make_optimizer(lr: float, total_steps: int, warmup_steps: int = 0,
 
 
 def current_lr(opt_state) -> jax.Array:
-  """The learning rate the last update used (from inject_hyperparams)."""
-  return opt_state[1].hyperparams["learning_rate"]
+  """The learning rate the last update used (from inject_hyperparams), or NaN
+  for an optimizer that does not expose it."""
+  for s in opt_state if isinstance(opt_state, tuple) else (opt_state,):
+    if hasattr(s, "hyperparams"):
+      return s.hyperparams["learning_rate"]
+  return jnp.float32(jnp.nan)
 
 
 def init_state(params, tx: optax.GradientTransformation) -> State:

@@ -173,11 +173,8 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
 
 
 # Length checks need a vocabulary; bytes keep them cheap and predictable.
-needs_seqio = pytest.mark.skipif(
-    importlib.util.find_spec("seqio") is None, reason="needs .[data] extras")
 
 
-@needs_seqio
 def test_prompt_longer_than_the_maximum_length(tmp_path):
   path = _write(tmp_path / "p.jsonl", [{"prompt": "short"},
                                        {"prompt": "x" * 40}])
@@ -192,7 +189,6 @@ def test_prompt_longer_than_the_maximum_length(tmp_path):
   assert next(it)["prompt_id"].tolist() == [0, 0]
 
 
-@needs_seqio
 def test_sequences_longer_than_seq_len(tmp_path):
   sft = _write(tmp_path / "s.jsonl", [{"prompt": "ab", "completion": "c" * 9}])
   with pytest.raises(common.DataError, match=r"s.jsonl:1: prompt \+ completion"
@@ -207,7 +203,6 @@ def test_sequences_longer_than_seq_len(tmp_path):
                            vocab="byte")
 
 
-@needs_seqio
 def test_jsonl_batches_hold_the_right_tokens(tmp_path):
   path = _write(tmp_path / "c.jsonl", [GOOD])
   it = pipeline.make_iterator("rm", f"jsonl:{path}", batch_size=1, seq_len=24,

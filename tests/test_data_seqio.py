@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-seqio = pytest.importorskip("seqio")  # The data extras: pip install .[data]
-tf = pytest.importorskip("tensorflow")
-tfds = pytest.importorskip("tensorflow_datasets")
+import seqio  # The data extras are required: pip install .[data]
+import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from instructrl.data import common
 from instructrl.data import pipeline

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-seqio = pytest.importorskip("seqio")  # The data extras: pip install .[data]
-spm = pytest.importorskip("sentencepiece")
+import seqio  # The data extras are required: pip install .[data]
+import sentencepiece as spm
 
 from instructrl.data import common
 from instructrl.data import corpus
