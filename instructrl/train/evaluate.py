@@ -91,6 +91,10 @@ def run_eval_stage(config, workdir: str, mesh) -> dict:
   ec = config.eval
   cfg = model_config(config)
   vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+  for key in ("fewshot_prompt_len",):
+    if ec[key] + ec.max_new_tokens > cfg.max_len:
+      raise common.ConfigError(f"config.eval.{key} + config.eval.max_new_tokens "
+                               f"exceeds config.model.max_len={cfg.max_len}")
   prompts = pipeline.get_prompts("world", "test", world=dict(config.data.world))
   if ec.num_prompts:
     prompts = prompts[:ec.num_prompts]
