@@ -41,15 +41,15 @@ def get_config(arg: str = ""):
       attention_impl=None))
 
   # Stage 0: the tiny base model on Python's own English text.
-  c.pretrain = _lm_stage(data="corpus", steps=600, batch_size=32, seq_len=128,
+  c.pretrain = _lm_stage(data="corpus", steps=300, batch_size=16, seq_len=128,
                          lr=2e-3, warmup_steps=50, eval_every=200)
   # Stage 1: SFT on demonstrations (the paper: cosine to 10%, dropout 0.2,
   # best model by validation).
   c.sft = _lm_stage(data="world", init="pretrain", epochs=2.0, batch_size=32,
                     seq_len=64, lr=5e-4, dropout=0.1, eval_every=50)
   # Stage 2: the reward model from SFT weights; Eq. 1 over all C(K,2) pairs.
-  c.rm = _lm_stage(data="world", init="sft", epochs=1.0, batch_size=16, seq_len=80,
-                   lr=2e-4, eval_every=50, heldout_group=4, demo_data="world",
+  c.rm = _lm_stage(data="world", init="sft", epochs=2.0, batch_size=16, seq_len=80,
+                   lr=5e-4, warmup_steps=10, eval_every=50, heldout_group=4, demo_data="world",
                    demo_batches=8)
 
   # Stage 3: PPO and PPO-ptx (the paper, Appendix C.4; sizes scaled down).
@@ -58,13 +58,13 @@ def get_config(arg: str = ""):
       minibatch_size=16, epochs=1, lr=1e-5, value_lr=1e-5, warmup_iterations=10,
       clip_eps=0.2, value_clip_eps=0.2, clip_norm=1.0, kl_coef=0.02, kl_target=0.0,
       kl_horizon=10000, ptx_coef=27.8, ptx_ratio=8, ptx_seq_len=64, lam=0.95,
-      ema_decay=0.0, prompt_len=48, max_new_tokens=24, no_eos_penalty=0.0,
+      ema_decay=0.0, prompt_len=64, max_new_tokens=24, no_eos_penalty=0.0,
       log_every=5, save_every=20))
 
   # Evaluation on the held-out test prompts (gold judge; the paper's Fig. 1).
   c.eval = mlc.ConfigDict(dict(
-      num_prompts=0, batch_size=64, max_new_tokens=24, fewshot=3,
-      fewshot_prompt_len=112, heldout_batches=8))
+      num_prompts=0, batch_size=64, max_new_tokens=24, fewshot=1,
+      fewshot_prompt_len=104, heldout_batches=8))
 
   if "tiny" in variants:
     c.data.vocab = "byte"

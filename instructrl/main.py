@@ -5,6 +5,7 @@ Kept thin on purpose (nanodo): parse flags, build the mesh, dispatch on
 one line on stderr and exit code 2, not a traceback.
 """
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF (data layer) start-up noise.
@@ -22,19 +23,45 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics, results.")
 
 
+def _fail(message, code: int) -> None:
+  """Prints `message` as one line on stderr and exits with `code`."""
+  lines = [l.strip() for l in str(message).strip().splitlines() if l.strip()]
+  if len(lines) > 1 and any(l.startswith("Traceback") for l in lines):
+    # ml_collections embeds the config file's traceback in its message; its
+    # first line says which flag, its last line says what went wrong.
+    lines = [lines[0], lines[-1]]
+  print("error: " + " ".join(lines), file=sys.stderr)
+  sys.exit(code)
+
+
 def main(argv):
   del argv
   # orbax logs every save at INFO; our own progress lines are enough.
   logging.set_verbosity(logging.WARNING)
   from instructrl.train import pipeline  # pylint: disable=g-import-not-at-top
   try:
-    pipeline.run(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    config.get("stage")  # A config file that failed to load raises here.
+  except OSError as e:
+    _fail(f"--config: {e}", 2)
+  try:
+    pipeline.run(config, _WORKDIR.value)
   except pipeline.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(e, 2)
   except FloatingPointError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    _fail(e, 3)
+
+
+def _unknown_key(argv, error) -> str:
+  """Names the override flag(s) whose path holds the missing key."""
+  # The message is a repr of a repr: "'lr_typo'", maybe with "Did you mean".
+  text = str(error)
+  key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
+  hint = re.search(r'Did you mean \W*(\w+)', text)
+  hits = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
+          and key in a.split("=", 1)[0][len("--config."):].split(".")]
+  return (f"{', '.join(hits) or '--config'}: unknown config key {key!r}"
+          + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
 
 
 def _parse_flags(argv):
@@ -43,8 +70,10 @@ def _parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _fail(e, 2)
+  except (AttributeError, KeyError, IndexError) as e:
+    # ml_collections lets an override of a missing key escape unwrapped.
+    _fail(_unknown_key(argv, e), 2)
 
 
 def run():

@@ -118,36 +118,40 @@ def train_loop(*, stage: str, workdir: str, state, shardings, step_fn: Callable,
   step = int(jax.device_get(state["step"]))
   start, start_step = time.monotonic(), step
   last = {}
-  while step < num_steps:
-    batch = mesh_lib.put_batch(next(batches), mesh)
-    state, metrics = step_fn(state, batch, rng)
-    step += 1
-    final = step == num_steps
-    do_eval = eval_fn is not None and (final or (eval_every and step % eval_every == 0))
-    if step % log_every == 0 or final or step % save_every == 0 or do_eval:
-      host = metrics_lib.to_host(metrics)
-      metrics_lib.check_finite(host, step)  # Before any save of this state.
-      rate = (step - start_step) / max(time.monotonic() - start, 1e-9)
-      host.update(steps_per_s=rate, tokens_per_s=rate * tokens_per_step)
-      if do_eval:
-        ev = {f"val_{k}": v for k, v in metrics_lib.to_host(
-            eval_fn(state["params"])).items()}
-        host.update(ev)
-        value = float(ev[f"val_{eval_key}"])
-        better = best["value"] is None or (value < best["value"] if eval_mode == "min"
-                                           else value > best["value"])
-        if better:
-          best = {"value": value, "step": step}
-          _save_params(os.path.join(sdir, "best"), state["params"])
-      writer.write(step, host)
-      last = host
-    progress.update(step, tokens=tokens_per_step)
-    ckpt.save(step, state, data_state=batches.get_state(),
-              meta={"best": best, "stage": stage}, force=final)
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
-  progress.close()
+  try:
+    while step < num_steps:
+      batch = mesh_lib.put_batch(next(batches), mesh)
+      state, metrics = step_fn(state, batch, rng)
+      step += 1
+      final = step == num_steps
+      do_eval = eval_fn is not None and (final or (eval_every and step % eval_every == 0))
+      if step % log_every == 0 or final or step % save_every == 0 or do_eval:
+        host = metrics_lib.to_host(metrics)
+        metrics_lib.check_finite(host, step)  # Before any save of this state.
+        rate = (step - start_step) / max(time.monotonic() - start, 1e-9)
+        host.update(steps_per_s=rate, tokens_per_s=rate * tokens_per_step)
+        if do_eval:
+          ev = {f"val_{k}": v for k, v in metrics_lib.to_host(
+              eval_fn(state["params"])).items()}
+          host.update(ev)
+          value = float(ev[f"val_{eval_key}"])
+          better = best["value"] is None or (value < best["value"] if eval_mode == "min"
+                                             else value > best["value"])
+          if better:
+            best = {"value": value, "step": step}
+            _save_params(os.path.join(sdir, "best"), state["params"])
+        writer.write(step, host)
+        last = host
+      progress.update(step, tokens=tokens_per_step)
+      ckpt.save(step, state, data_state=batches.get_state(),
+                meta={"best": best, "stage": stage}, force=final)
+  finally:
+    # Also when halting on a NaN loss: the pending async saves hold good
+    # states; without this wait the interpreter exits mid-save and the
+    # latest good checkpoint is lost (left as a tmp dir).
+    ckpt.close()
+    writer.close()
+    progress.close()
   best_params = state["params"]
   if best["step"] is not None and best["step"] != step:
     best_params = load_params(os.path.join(sdir, "best"),

@@ -26,11 +26,43 @@ def _user_errors():
 USER_ERRORS = _user_errors()
 
 
-def make_mesh(config):
+def make_mesh(config, devices=None):
+  """The config's mesh over `devices` (default: all; tests pass a subset)."""
   try:
-    return mesh_lib.make_mesh(dict(config.mesh))
+    return mesh_lib.make_mesh(dict(config.mesh), devices)
   except ValueError as e:
     raise common.ConfigError(f"config.mesh: {e}") from None
+
+
+def check_config(config, workdir: str, mesh) -> None:
+  """Config mistakes, found before any stage starts or any file is written.
+
+  A pipeline should not stop at the RM's batch size after the SFT ran; and
+  these checks need neither the data layer (slow TensorFlow import) nor a
+  model. The stages check again, for callers that skip this.
+  """
+  if config.stage not in STAGES + ("pipeline",):
+    raise common.ConfigError(f"config.stage: unknown stage {config.stage!r}; "
+                             f"one of {STAGES + ('pipeline',)}")
+  todo = ([s for s in STAGES if not common.is_done(workdir, s)]
+          if config.stage == "pipeline" else [config.stage])
+  for stage in (s for s in todo if s in ("pretrain", "sft", "rm")):
+    sc = config[stage]
+    try:
+      mesh_lib.check_batch_divides(sc.batch_size, mesh,
+                                   f"config.{stage}.batch_size")
+    except ValueError as e:
+      raise common.ConfigError(str(e)) from None
+    if sc.seq_len > config.model.max_len:
+      raise common.ConfigError(f"config.{stage}.seq_len={sc.seq_len} exceeds "
+                               f"config.model.max_len={config.model.max_len}")
+    init = sc.get("init", "none")
+    if init in STAGES and init not in todo and not common.is_done(workdir, init):
+      raise common.ConfigError(
+          f"config.{stage}.init={init!r}: stage {init!r} has no finished result "
+          f"in {common.stage_dir(workdir, init)} (run it first)")
+    if init not in STAGES + ("", "none") and not os.path.isdir(init):
+      raise common.ConfigError(f"config.{stage}.init: no parameters at {init}")
 
 
 def run_stage(config, workdir: str, stage: str, mesh) -> dict:
@@ -55,9 +87,11 @@ def run_stage(config, workdir: str, stage: str, mesh) -> dict:
                            f"{STAGES + ('pipeline',)}")
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str, devices=None) -> dict:
+  """Runs `config.stage` (or every unfinished stage) on a mesh of `devices`."""
+  mesh = make_mesh(config, devices)
+  check_config(config, workdir, mesh)
   os.makedirs(workdir, exist_ok=True)
-  mesh = make_mesh(config)
   if config.stage != "pipeline":
     return {config.stage: run_stage(config, workdir, config.stage, mesh)}
   results = {}
