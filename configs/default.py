@@ -45,8 +45,13 @@ def get_config(arg: str = ""):
                          lr=2e-3, warmup_steps=50, eval_every=200)
   # Stage 1: SFT on demonstrations (the paper: cosine to 10%, dropout 0.2,
   # best model by validation).
+  # ptx_frac: share of pretraining rows mixed into each batch (the paper's
+  # PPO-init SFT used 10%). select_rm: "rm" or a params path to keep the
+  # checkpoint with the best RM score on validation prompts (else val loss).
   c.sft = _lm_stage(data="world", init="pretrain", epochs=2.0, batch_size=32,
-                    seq_len=64, lr=5e-4, dropout=0.1, eval_every=50)
+                    seq_len=64, lr=5e-4, dropout=0.1, eval_every=50,
+                    ptx_frac=0.0, ptx_data="corpus", select_rm="",
+                    select_prompt_len=64, select_new_tokens=24)
   # Stage 2: the reward model from SFT weights; Eq. 1 over all C(K,2) pairs.
   c.rm = _lm_stage(data="world", init="sft", epochs=2.0, batch_size=16, seq_len=80,
                    lr=5e-4, warmup_steps=10, eval_every=50, heldout_group=4, demo_data="world",
@@ -72,6 +77,7 @@ def get_config(arg: str = ""):
     c.model.update(num_layers=2, d_model=32, num_heads=2, max_len=192)
     c.pretrain.update(steps=6, batch_size=8, seq_len=64, log_every=2, save_every=3,
                       eval_every=3, eval_batches=2, warmup_steps=2)
+    c.sft.update(select_prompt_len=144, select_new_tokens=16)
     c.sft.update(epochs=1.0, batch_size=8, seq_len=128, log_every=2, save_every=3, eval_every=4,
                  eval_batches=2)
     c.rm.update(epochs=1.0, batch_size=4, seq_len=192, log_every=2, save_every=3, eval_every=4,

@@ -162,6 +162,11 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*spec))
 
 
+def batch_size_multiple(mesh: Mesh) -> int:
+  """Batch sizes must be multiples of this (the data axes' total size)."""
+  return _axis_size(dict(mesh.shape), BATCH)
+
+
 def check_batch_divides(batch_size: int, mesh: Mesh, what: str = "batch") -> None:
   n = _axis_size(dict(mesh.shape), BATCH)
   if batch_size % n:

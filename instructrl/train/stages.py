@@ -20,6 +20,7 @@ from instructrl import steps
 from instructrl.model import LanguageModel, ModelConfig, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.train import common
+from instructrl.train import sft_extras
 
 LM_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 RM_KEYS = ("tokens", "segment_ids", "positions", "ranks", "valid")
@@ -131,6 +132,13 @@ def run_lm_stage(config, workdir: str, stage: str, mesh) -> dict:
     num_steps = sc.steps
   else:
     num_steps = int(np.ceil(sc.epochs * train_it.batches_per_epoch))
+  rows = sc.batch_size
+  if stage == "sft" and sc.ptx_frac > 0:
+    extra = sft_extras.ptx_rows(sc.batch_size, sc.ptx_frac,
+                                mesh_lib.batch_size_multiple(mesh))
+    train_it = sft_extras.MixedBatches(train_it, _iterator(
+        config, "lm", sc.ptx_data, "train", extra, sc.seq_len, config.seed + 1))
+    rows += extra
   tx = steps.make_optimizer(sc.lr, num_steps, sc.warmup_steps,
                             weight_decay=sc.weight_decay)
   init = _init_params(config, workdir, sc.init, LanguageModel, cfg, mesh)
@@ -144,18 +152,43 @@ def run_lm_stage(config, workdir: str, stage: str, mesh) -> dict:
   val_it = _iterator(config, kind, sc.data, "validation", sc.batch_size,
                      sc.seq_len, config.seed, infinite=False)
 
+  select = _rm_selection(config, workdir, stage, graphdef, shardings, cfg, mesh)
+
   def eval_fn(params):
-    return _batch_eval(eval_step, params, val_it, mesh, sc.eval_batches)
+    m = _batch_eval(eval_step, params, val_it, mesh, sc.eval_batches)
+    if select is not None:
+      m.update(select(params))
+    return m
   state, best, summary = common.train_loop(
       stage=stage, workdir=workdir, state=state, shardings=shardings, step_fn=run,
       batches=train_it, mesh=mesh, num_steps=num_steps, seed=config.seed,
       log_every=sc.log_every, save_every=sc.save_every, eval_every=sc.eval_every,
-      eval_fn=eval_fn, tokens_per_step=sc.batch_size * sc.seq_len,
+      eval_fn=eval_fn, tokens_per_step=rows * sc.seq_len,
+      eval_key="loss" if select is None else "rm_score",
+      eval_mode="min" if select is None else "max",
       meta={"config": config.to_json()})
   info = {"stage": stage, "steps": summary["steps"], "best": summary["best"],
           "final": summary["last"], "wall_s": time.monotonic() - t0}
   common.export(workdir, stage, best, info)
   return info
+
+
+def _rm_selection(config, workdir, stage, graphdef, shardings, cfg, mesh):
+  """With `sft.select_rm` set (a finished "rm" stage or a params path), the
+  kept SFT checkpoint is the best by RM score on validation prompts."""
+  if stage != "sft" or not config.sft.select_rm:
+    return None
+  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
+  g_rm, abs_rm = abstract(ScalarModel, cfg)
+  sh_rm = mesh_lib.state_shardings(abs_rm, mesh)
+  src = config.sft.select_rm
+  rm = (common.load_export(workdir, "rm", abs_rm, sh_rm) if src == "rm"
+        else common.load_params(src, abs_rm, sh_rm))
+  sc = config.sft
+  prompts = _iterator(config, "prompts", sc.data, "validation", sc.batch_size,
+                      sc.select_prompt_len, config.seed, infinite=False)
+  return sft_extras.rm_score_eval(graphdef, shardings["params"], g_rm, rm, prompts,
+                                  mesh, EOS_ID, sc.select_new_tokens)
 
 
 def _rm_eval_step(graphdef, mesh):

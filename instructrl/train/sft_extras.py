@@ -1,0 +1,69 @@
+"""SFT options from the paper: a pretraining mix, and selection by RM score.
+
+- `MixedBatches`: each SFT batch gets pretraining rows appended (the paper's
+  PPO-initialisation SFT model used 10% pretraining data). The rows share the
+  SFT batch's layout, so the step's token-weighted LM loss runs over the union.
+- `rm_score_eval`: the mean reward-model score of greedy answers to the
+  validation prompts; with it the kept SFT checkpoint is the one with the
+  best RM score on validation, as the paper chose its final SFT models.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from instructrl import mesh as mesh_lib
+from instructrl import rollout as rollout_lib
+from instructrl.sampling import SampleConfig, make_sampler
+
+
+def ptx_rows(batch_size: int, frac: float, multiple: int) -> int:
+  """Pretraining rows so that they are `frac` of the mixed batch, rounded to
+  a multiple of the data-parallel size (every device gets whole rows)."""
+  if frac <= 0:
+    return 0
+  rows = frac / (1.0 - frac) * batch_size
+  return max(multiple, int(round(rows / multiple)) * multiple)
+
+
+class MixedBatches:
+  """SFT rows followed by pretraining rows; one joint resumable state."""
+
+  def __init__(self, sft, ptx):
+    self.sft, self.ptx = sft, ptx
+    self.batches_per_epoch = sft.batches_per_epoch
+
+  def __next__(self):
+    a, b = next(self.sft), next(self.ptx)
+    return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
+
+  def get_state(self):
+    return {"sft": self.sft.get_state(), "ptx": self.ptx.get_state()}
+
+  def set_state(self, state):
+    self.sft.set_state(state["sft"])
+    self.ptx.set_state(state["ptx"])
+
+
+def rm_score_eval(lm_graphdef, lm_shardings, rm_graphdef, rm_params, prompts_it,
+                  mesh, eos_id: int, max_new_tokens: int):
+  """`eval(params) -> {"rm_score"}` over a one-pass prompt iterator."""
+  sampler = make_sampler(lm_graphdef, lm_shardings,
+                         SampleConfig(max_new_tokens, 0.0, eos_id=eos_id), mesh)
+  score = jax.jit(lambda p, s, m: rollout_lib.sequence_scores(rm_graphdef, p, s, m))
+
+  def run(params):
+    prompts_it.step = 0
+    total, n = 0.0, 0
+    for batch in prompts_it:
+      b = mesh_lib.put_batch(batch, mesh)
+      out = sampler(params, b["prompt_tokens"], b["prompt_mask"], jax.random.key(0))
+      seq_mask = jnp.concatenate([b["prompt_mask"], out.response_mask], axis=1)
+      with jax.set_mesh(mesh):
+        s = np.asarray(score(rm_params, out.tokens, seq_mask))
+      real = np.asarray(batch["prompt_mask"]).any(axis=1)
+      total += float(s[real].sum())
+      n += int(real.sum())
+    return {"rm_score": total / max(n, 1)}
+  return run
