@@ -346,3 +346,88 @@ def test_kill_and_resume_is_bitwise_exact(eight_devices, tmp_path, stage):
   code = _run(args, env, log)
   assert code == 0, log.read_text()[-3000:]
   _assert_same_result(reference, workdir, stage)
+
+
+PPO_OVERRIDES = {"ppo.iterations": 4, "ppo.save_every": 2, "ppo.log_every": 1}
+
+
+def _copy_stages(src, dst) -> pathlib.Path:
+  for stage in LOOP_STAGES:
+    shutil.copytree(pathlib.Path(src) / stage, pathlib.Path(dst) / stage)
+  return pathlib.Path(dst)
+
+
+def _pure_export(workdir, stage):
+  with ocp.StandardCheckpointer() as c:
+    return c.restore(str(pathlib.Path(workdir) / stage / "export" / "params"))
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def test_ppo_ptx_resumes_exactly_at_iteration_boundaries(one_device, tmp_path,
+                                                          monkeypatch):
+  """Stopped after iteration 3 (checkpoint at 2) and restarted, PPO-ptx ends
+  with the parameters of an uninterrupted run, bit for bit."""
+  from instructrl.train import ppo as ppo_stage  # pylint: disable=g-import-not-at-top
+  config = load_config({**OVERRIDES, **MESH1, **PPO_OVERRIDES, "stage": "ppo_ptx"})
+  ref = _copy_stages(one_device, tmp_path / "ref")
+  pipeline.run(config, str(ref), devices=jax.devices()[:1])
+  work = _copy_stages(one_device, tmp_path / "work")
+  real_next = ppo_stage._Batches.__next__
+  calls = {"n": 0}
+
+  def flaky_next(self):
+    calls["n"] += 1
+    if calls["n"] == 4:  # Iterations 1-3 ran; the checkpoint holds step 2.
+      raise _Interrupt()
+    return real_next(self)
+  monkeypatch.setattr(ppo_stage._Batches, "__next__", flaky_next)
+  with pytest.raises(_Interrupt):
+    pipeline.run(config, str(work), devices=jax.devices()[:1])
+  assert not common.is_done(str(work), "ppo_ptx")
+  monkeypatch.setattr(ppo_stage._Batches, "__next__", real_next)
+  pipeline.run(config, str(work), devices=jax.devices()[:1])
+  a, b = _pure_export(ref, "ppo_ptx"), _pure_export(work, "ppo_ptx")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  ref_log = [(r["step"], r["ptx_loss"]) for r in _records(ref, "ppo_ptx")]
+  assert [s for s, _ in ref_log] == [1, 2, 3, 4]
+  assert all(r["ptx_loss"] is not None for r in _records(work, "ppo_ptx"))
+
+
+def test_ppo_starts_from_sft_policy_and_rm_value(one_device):
+  """The value model is initialised from the RM and the policy from SFT."""
+  from instructrl import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from instructrl import steps  # pylint: disable=g-import-not-at-top
+  from instructrl.train import ppo as ppo_stage  # pylint: disable=g-import-not-at-top
+  from instructrl.train import stages  # pylint: disable=g-import-not-at-top
+  config = load_config({**OVERRIDES, **MESH1})
+  mesh = mesh_lib.make_mesh({}, jax.devices()[:1])
+  cfg = stages.model_config(config)
+  _, frozen, (abs_lm, sh_lm), (abs_sc, sh_sc) = ppo_stage._load_models(
+      config, str(one_device), cfg, mesh)
+  txs = {k: steps.make_optimizer(1e-5, 10, 1, schedule="constant")
+         for k in ("policy", "value")}
+  rep = mesh_lib.replicated(mesh)
+  sh = {"params": sh_lm, "value_params": sh_sc, "ema": sh_lm, "kl_coef": rep,
+        "step": rep,
+        "opt_state": steps.state_shardings(sh_lm, txs["policy"], abs_lm,
+                                           mesh)["opt_state"],
+        "value_opt_state": steps.state_shardings(sh_sc, txs["value"], abs_sc,
+                                                 mesh)["opt_state"]}
+  state = ppo_stage.initial_state(frozen, txs, 0.02, sh, mesh)
+  rm = _pure_export(one_device, "rm")
+  sft = _pure_export(one_device, "sft")
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  def by_path(tree):  # orbax gives list indices back as string keys.
+    return {jax.tree_util.keystr(k).replace("'", ""): v
+            for k, v in jax.tree.leaves_with_path(tree)}
+  for got, want in ((state["value_params"], rm), (state["params"], sft)):
+    got, want = by_path(nnx.to_pure_dict(got)), by_path(want)
+    assert sorted(got) == sorted(want)
+    for k in got:
+      np.testing.assert_array_equal(got[k], want[k])
+  # The RM's bias (demonstrations score 0) is part of what the value starts from.
+  assert float(np.asarray(rm["bias"])) != 0.0

@@ -8,12 +8,10 @@ value model starts from the RM export (the paper, Section 3.5).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 
 import jax
-import numpy as np
 
 from instructrl import mesh as mesh_lib
 from instructrl import ppo as ppo_lib
@@ -62,6 +60,15 @@ def _load_models(config, workdir, cfg, mesh):
   return graphdefs, {"ref": sft, "rm": rm}, (abs_lm, sh_lm), (abs_sc, sh_sc)
 
 
+def initial_state(frozen, txs, kl_coef, state_sh, mesh):
+  """The policy starts as the SFT model and the value model as the RM (the
+  paper, 3.5); both get fresh optimizers."""
+  with jax.set_mesh(mesh):
+    return jax.jit(functools.partial(ppo_lib.init_state, policy_tx=txs["policy"],
+                                     value_tx=txs["value"], kl_coef=kl_coef),
+                   out_shardings=state_sh)(frozen["ref"], frozen["rm"])
+
+
 def _jit_rollout(graphdefs, frozen_sh, state_sh, mesh, rc):
   def fn(frozen, state, batch, key):
     params = {"policy": state["params"], "value": state["value_params"], **frozen}
@@ -108,10 +115,7 @@ def run_ppo_stage(config, workdir: str, mesh, stage: str) -> dict:
   state_sh = {"params": sh_lm, "opt_state": p_state_sh["opt_state"],
               "value_params": sh_sc, "value_opt_state": v_state_sh["opt_state"],
               "ema": sh_lm, "kl_coef": rep, "step": rep}
-  with jax.set_mesh(mesh):
-    state = jax.jit(functools.partial(ppo_lib.init_state, policy_tx=txs["policy"],
-                                      value_tx=txs["value"], kl_coef=sc.kl_coef),
-                    out_shardings=state_sh)(frozen["ref"], frozen["rm"])
+  state = initial_state(frozen, txs, sc.kl_coef, state_sh, mesh)
   frozen_sh = {"ref": sh_lm, "rm": sh_sc}
   rollout = _jit_rollout(graphdefs, frozen_sh, state_sh, mesh, rc)
   ptx_sh = {f"ptx_{k}": mesh_lib.batch_sharding(mesh, 2) for k in PTX_KEYS}
