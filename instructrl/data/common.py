@@ -130,3 +130,14 @@ class ErrorPolicy:
       first = "; ".join(str(e) for e in self.skipped[:3])
       logging.warning("skipped %d bad records in %s (first: %s)",
                       len(self.skipped), what, first)
+
+
+def hide_accelerators_from_tensorflow() -> None:
+  """TF only tokenizes here; keep it off the GPUs/TPUs that JAX trains on
+  (by default TF reserves most of every GPU's memory when it starts)."""
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+  except (ImportError, RuntimeError, ValueError):
+    pass  # No TF, or its devices were already initialised.

@@ -31,6 +31,8 @@ from instructrl.data import corpus
 from instructrl.data import sources
 from instructrl.data import vocab as vocab_lib
 
+common.hide_accelerators_from_tensorflow()
+
 TASK_NAMES = {
     "lm": "instructrl_corpus",
     "sft": "instructrl_world_sft",

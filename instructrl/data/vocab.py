@@ -24,6 +24,8 @@ import sentencepiece as spm
 from instructrl.data import common
 from instructrl.data import corpus
 
+common.hide_accelerators_from_tensorflow()
+
 DEFAULT_VOCAB_SIZE = 2048
 _TRAINER_VERSION = 2  # Bump when the options below change.
 _TRAINER_OPTIONS = dict(
