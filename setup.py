@@ -30,6 +30,12 @@ setup(
             "importlib_resources",
         ],
         "tpu": ["jax[tpu]"],
-        "dev": ["pytest", "pytest-xdist", "matplotlib"],
+        # instructrl.hf reads/writes safetensors itself; tokenizer.json needs this.
+        "hf": ["tokenizers"],
+        # Parity tests against transformers (tests/test_hf.py). torch is pinned
+        # to the CPU build these machines carry on disk (no multi-GB download).
+        "hf-test": ["tokenizers", "transformers", "safetensors", "torch==2.13.0"],
+        "dev": ["pytest", "pytest-xdist", "matplotlib", "nbclient", "nbformat",
+                "ipykernel"],
     },
 )

@@ -1,6 +1,11 @@
-"""PNG plots from a workdir: win-rate bars (the paper's Figure 1) and PPO curves.
+"""PNG plots from a workdir: win-rate bars (the paper's Figure 1), training
+curves of every stage, and the coefficient sweeps of the notebooks.
 
-    python -m instructrl.plot --workdir=DIR
+    python -m instructrl.plot --workdir=DIR [--out=DIR/plots]
+
+writes DIR/plots/<stage>.png for every stage in DIR/metrics.jsonl (loss,
+accuracy, reward, KL, ptx loss, ... with validation next to training) and,
+when the eval stage ran, DIR/eval/win_rate.png and the overview curves.
 """
 from __future__ import annotations
 
@@ -83,12 +88,136 @@ def eval_plots(workdir: str, report: dict | None = None) -> list[str]:
   return written
 
 
+# Bookkeeping, not learning curves.
+_SKIP = ("stage", "step", "time", "elapsed", "nonfinite", "steps_per_s",
+         "tokens_per_s", "num_tokens", "num_pairs", "num_prompts")
+# The curves a reader looks for first; the rest follow alphabetically.
+_FIRST = ("loss", "accuracy", "score", "reward", "kl", "ptx_loss", "perplexity",
+          "margin", "policy_loss", "value_loss")
+# Validation metrics share a panel with their training counterpart.
+_VARIANTS = (("val_heldout_group_", "val (held-out labelers)"), ("val_", "val"),
+             ("", "train"))
+
+
+def _panel(key: str) -> tuple[str, str]:
+  for prefix, label in _VARIANTS:
+    if key.startswith(prefix):
+      return key[len(prefix):], label
+  return key, "train"
+
+
+def stage_curves(records: list[dict], stage: str, path: str, ncols: int = 4) -> bool:
+  """One PNG for one stage: a panel per metric, train and val together."""
+  rows = [r for r in records if r.get("stage") == stage]
+  panels: dict[str, dict[str, dict[int, float]]] = {}
+  for r in rows:
+    for k, v in r.items():
+      if k in _SKIP or isinstance(v, bool) or not isinstance(v, (int, float)):
+        continue
+      name, label = _panel(k)
+      panels.setdefault(name, {}).setdefault(label, {})[r["step"]] = v
+  if not panels:
+    return False
+  order = {k: i for i, k in enumerate(_FIRST)}
+  panels = dict(sorted(panels.items(), key=lambda kv: (order.get(kv[0], len(order)),
+                                                       kv[0])))
+  plt = _plt()
+  n = len(panels)
+  cols = min(ncols, n)
+  nrows = (n + cols - 1) // cols
+  fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows),
+                           squeeze=False)
+  for ax, (name, lines) in zip(axes.flat, panels.items()):
+    for label, pts in lines.items():
+      xs = sorted(pts)  # A resumed stage logs some steps twice: last wins.
+      ax.plot(xs, [pts[x] for x in xs], marker="." if len(xs) < 30 else None,
+              label=label)
+    ax.set_title(name, fontsize=10)
+    ax.set_xlabel("step" if not stage.startswith("ppo") else "iteration")
+    if len(lines) > 1:
+      ax.legend(fontsize=7)
+  for ax in list(axes.flat)[n:]:
+    ax.axis("off")
+  fig.suptitle(stage)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def stage_plots(workdir: str, out: str | None = None) -> list[str]:
+  """Writes <out>/<stage>.png for every stage logged in metrics.jsonl."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  records = metrics_lib.read_metrics(path)
+  out = out or os.path.join(workdir, "plots")
+  os.makedirs(out, exist_ok=True)
+  stages = list(dict.fromkeys(r.get("stage") for r in records if r.get("stage")))
+  written = []
+  for stage in stages:
+    png = os.path.join(out, f"{stage}.png")
+    if stage_curves(records, stage, png):
+      written.append(png)
+  return written
+
+
+def sweep(points: list[dict], coef: str, path: str, reference: dict | None = None,
+          others: list[dict] | None = None, title: str = "") -> None:
+  """The notebooks' coefficient sweep (the shape of the paper's Figs. 33-34).
+
+  `points`: dicts with the coefficient under `coef`, "heldout_lm_loss" (the
+  alignment tax) and "rm_score" (reward on held-out prompts). `reference`
+  (SFT) is drawn as dashed lines; `others` are extra labelled markers (e.g.
+  PPO-ptx on the beta plot).
+  """
+  plt = _plt()
+  pts = sorted(points, key=lambda p: p[coef])
+  xs = [p[coef] for p in pts]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  for ax, key, label in ((axes[0], "heldout_lm_loss", "held-out pretraining loss"),
+                         (axes[1], "rm_score", "reward (RM, held-out prompts)")):
+    ax.plot(xs, [p[key] for p in pts], "o-", label=f"PPO, varying {coef}")
+    if reference:
+      ax.axhline(reference[key], color="gray", ls="--", label="SFT")
+    for o in others or []:
+      ax.plot([o[coef]], [o[key]], "s", label=o.get("label", ""))
+    if min(xs) >= 0 and max(xs) > 0:
+      ax.set_xscale("symlog", linthresh=max(min(x for x in xs if x > 0), 1e-6))
+    ax.set_xlabel(coef)
+    ax.set_ylabel(label)
+    ax.legend(fontsize=7)
+  ax = axes[2]
+  ax.plot([p["heldout_lm_loss"] for p in pts], [p["rm_score"] for p in pts], "o-")
+  for p in pts:
+    ax.annotate(f"{coef}={p[coef]:g}", (p["heldout_lm_loss"], p["rm_score"]),
+                fontsize=7, xytext=(3, 3), textcoords="offset points")
+  if reference:
+    ax.plot([reference["heldout_lm_loss"]], [reference["rm_score"]], "k*", label="SFT")
+  for o in others or []:
+    ax.plot([o["heldout_lm_loss"]], [o["rm_score"]], "s", label=o.get("label", ""))
+  ax.set_xlabel("held-out pretraining loss (lower: less tax)")
+  ax.set_ylabel("reward")
+  ax.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv) -> None:
-  workdir = "workdir"
-  for a in argv[1:]:
-    if a.startswith("--workdir="):
-      workdir = a.split("=", 1)[1]
-  for p in eval_plots(workdir):
+  args = {"workdir": "workdir", "out": None}
+  it = iter(argv[1:])
+  for a in it:
+    name, eq, value = a.lstrip("-").partition("=")
+    if name not in args:
+      sys.exit(f"usage: python -m instructrl.plot --workdir=DIR [--out=DIR]; "
+               f"unknown argument {a!r}")
+    args[name] = value if eq else next(it, None)
+  workdir = args["workdir"]
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    sys.exit(f"error: {workdir}/metrics.jsonl: no such file (not a workdir?)")
+  for p in stage_plots(workdir, args["out"]) + eval_plots(workdir):
     print(p)
 
 
