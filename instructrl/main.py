@@ -21,6 +21,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                           "Experiment config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics, results.")
+# Multi-process runs (instructrl/distributed.py): explicit values, else the
+# JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment, else
+# a cluster jax detects (TPU VM, SLURM, Open MPI), else one process.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
+                                 "'off': never call jax.distributed.initialize.")
 
 
 def _fail(message, code: int) -> None:
@@ -44,6 +53,13 @@ def main(argv):
     config.get("stage")  # A config file that failed to load raises here.
   except OSError as e:
     _fail(f"--config: {e}", 2)
+  from instructrl import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                              _PROCESS_ID.value, _DISTRIBUTED.value):
+      print(distributed.describe(), file=sys.stderr)
+  except ValueError as e:
+    _fail(f"--distributed: {e}", 2)
   try:
     pipeline.run(config, _WORKDIR.value)
   except pipeline.USER_ERRORS as e:

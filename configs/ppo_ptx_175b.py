@@ -1,0 +1,33 @@
+"""PPO-ptx of the 175B SFT policy against the 6B RM (the paper, Appendix C.3-4).
+
+    python -m instructrl.main --config=configs/ppo_ptx_175b.py --workdir=DIR
+    python -m instructrl.aot --config=configs/ppo_ptx_175b.py
+    python -m instructrl.main --config=configs/ppo_ptx_175b.py:runlocal --workdir=/tmp/p
+
+Target: v5p-1024 (512 chips, 128 hosts): FSDP 64 x tensor 8, so a minibatch
+of 64 episodes is one row per data shard and 96 heads split 12 per chip.
+
+A PPO run reads the `sft` and `rm` exports of its workdir: run
+sft_175b.py and rm_6b.py into the same DIR first (also with :runlocal).
+Variants: `runlocal` (a tiny model on the CPU, seconds).
+"""
+import importlib.util
+import os
+
+
+def _load_helper():
+  """configs/gpt3_shapes.py, loaded by path (configs/ is no package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt3_shapes.py")
+  spec = importlib.util.spec_from_file_location("instructrl_gpt3_shapes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str = ""):
+  shapes = _load_helper()
+  c = shapes.base("175b", stage="ppo_ptx")
+  shapes.target(c, "v5p:8x8x8", dict(fsdp=64, tensor=8))
+  if "runlocal" in shapes.variants(arg):
+    shapes.runlocal(c)
+  return c

@@ -1,0 +1,38 @@
+"""PPO-ptx of the 1.3B SFT policy against the 6B RM (the paper, Appendix C.3-4).
+
+    python -m instructrl.main --config=configs/ppo_ptx_1p3b.py --workdir=DIR
+    python -m instructrl.aot --config=configs/ppo_ptx_1p3b.py
+    python -m instructrl.main --config=configs/ppo_ptx_1p3b.py:runlocal --workdir=/tmp/p
+
+Four models: the 1.3B policy (+ its EMA) and frozen SFT reference, the
+frozen 6B RM and the 6B value model (config.rm_model). Target: v5p-64 (32
+chips), FSDP: a minibatch of 64 episodes is 2 per chip.
+
+A PPO run reads the `sft` and `rm` exports of its workdir: run
+sft_1p3b.py and rm_6b.py into the same DIR first (also with :runlocal).
+Variants: `runlocal` (a tiny model on the CPU, seconds).
+"""
+import importlib.util
+import os
+
+
+def _load_helper():
+  """configs/gpt3_shapes.py, loaded by path (configs/ is no package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt3_shapes.py")
+  spec = importlib.util.spec_from_file_location("instructrl_gpt3_shapes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str = ""):
+  shapes = _load_helper()
+  c = shapes.base("1p3b", stage="ppo_ptx")
+  shapes.target(c, "v5p:2x4x4", dict(fsdp=32))
+  # The learner's 14 GiB per chip with full remat leaves room to keep the
+  # weight matmuls' outputs of both the policy and the value model.
+  for m in (c.model, c.rm_model):
+    m.remat_policy = "dots_with_no_batch_dims_saveable"
+  if "runlocal" in shapes.variants(arg):
+    shapes.runlocal(c)
+  return c

@@ -1,0 +1,36 @@
+"""PPO-ptx of the 6.7B SFT policy against the 6B RM (the paper, Appendix C.3-4).
+
+    python -m instructrl.main --config=configs/ppo_ptx_6b.py --workdir=DIR
+    python -m instructrl.aot --config=configs/ppo_ptx_6b.py
+    python -m instructrl.main --config=configs/ppo_ptx_6b.py:runlocal --workdir=/tmp/p
+
+Target: v5p-128 (64 chips, 16 hosts), FSDP: a minibatch of 64 episodes is
+one per chip.
+
+A PPO run reads the `sft` and `rm` exports of its workdir: run
+sft_6b.py and rm_6b.py into the same DIR first (also with :runlocal).
+Variants: `runlocal` (a tiny model on the CPU, seconds).
+"""
+import importlib.util
+import os
+
+
+def _load_helper():
+  """configs/gpt3_shapes.py, loaded by path (configs/ is no package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt3_shapes.py")
+  spec = importlib.util.spec_from_file_location("instructrl_gpt3_shapes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str = ""):
+  shapes = _load_helper()
+  c = shapes.base("6b", stage="ppo_ptx")
+  shapes.target(c, "v5p:4x4x4", dict(fsdp=64))
+  # 14 GiB per chip with full remat: keep the weight matmuls' outputs.
+  for m in (c.model, c.rm_model):
+    m.remat_policy = "dots_with_no_batch_dims_saveable"
+  if "runlocal" in shapes.variants(arg):
+    shapes.runlocal(c)
+  return c

@@ -1,0 +1,32 @@
+"""The 6B reward model on ranked comparisons (the paper, Appendix C.2).
+
+    python -m instructrl.main --config=configs/rm_6b.py --workdir=DIR
+    python -m instructrl.aot --config=configs/rm_6b.py
+    python -m instructrl.main --config=configs/rm_6b.py:runlocal --workdir=/tmp/r
+
+One 6B RM serves every policy size, as in the paper (175B RMs were
+unstable); its export also initialises the PPO value model. Target: v5p-64
+(32 chips, 8 hosts), FSDP: 64 prompts x 9 completions of 2048 tokens is 18
+sequences per chip.
+Variants: `runlocal` (a tiny model on the CPU, seconds).
+"""
+import importlib.util
+import os
+
+
+def _load_helper():
+  """configs/gpt3_shapes.py, loaded by path (configs/ is no package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt3_shapes.py")
+  spec = importlib.util.spec_from_file_location("instructrl_gpt3_shapes", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str = ""):
+  shapes = _load_helper()
+  c = shapes.base("6b", stage="rm")
+  shapes.target(c, "v5p:2x4x4", dict(fsdp=32))
+  if "runlocal" in shapes.variants(arg):
+    shapes.runlocal(c)
+  return c
