@@ -2,10 +2,12 @@
 
 Not an experiment itself (no `get_config`): `sft_*.py`, `rm_6b.py` and
 `ppo_ptx_*.py` load this file by path, because ml_collections loads a config
-file by path and the `configs/` folder is no package:
+file by path and the `configs/` folder is no package. Each states only what
+is its own (size, TPU slice, mesh, remat) and calls one of `sft_config`,
+`rm_config` or `ppo_ptx_config`:
 
-    shapes = _load_helper()          # see any of those files
-    c = shapes.base("1p3b", stage="sft")
+    return _load_helper().sft_config("1p3b", arg, topology="v5p:2x2x2",
+                                     mesh=dict(fsdp=8))
 
 Every config starts from `configs/default.py` (its full key structure, so the
 training code finds every key it reads) and overrides the model, the stages
@@ -36,6 +38,17 @@ SHAPES = {
     "1p3b": dict(num_layers=24, d_model=2048, num_heads=16),
     "6b": dict(num_layers=32, d_model=4096, num_heads=32),
     "175b": dict(num_layers=96, d_model=12288, num_heads=96),
+}
+
+# Appendix C's numbers that depend on the policy's size: the SFT LR and batch
+# (C.1) and the value model's LR (C.3; the value model is the 6B RM for every
+# size, but its LR follows the policy). Keyed by size, not set by each stage's
+# file, because every config carries every stage: `--config.stage=pipeline`
+# on ppo_ptx_175b.py runs its SFT section too.
+PAPER = {
+    "1p3b": dict(sft_lr=9.65e-6, sft_batch_size=32, value_lr=9e-6),
+    "6b": dict(sft_lr=9.65e-6, sft_batch_size=32, value_lr=9e-6),
+    "175b": dict(sft_lr=5.03e-6, sft_batch_size=8, value_lr=5e-6),
 }
 
 # Placeholders for the user's files; override on the command line, e.g.
@@ -82,12 +95,12 @@ def base(size: str, stage: str) -> mlc.ConfigDict:
   c.model = model(size)
   c.rm_model = model("6b")  # One 6B RM (and value init) for every policy.
   c.data.update(vocab=f"sentencepiece:{DATA}/tokenizer.model", on_error="skip")
-  big = size == "175b"
+  paper = PAPER[size]
   # Appendix C.1: 16 epochs, residual dropout 0.2, cosine to 10% (steps.py's
   # end_lr_frac), no warmup; the best model by validation.
   c.sft.update(data=f"jsonl:{DATA}/sft.jsonl", init=f"{CKPT}/gpt3-{size}",
                epochs=16.0, dropout=0.2, warmup_steps=0, seq_len=CONTEXT,
-               lr=5.03e-6 if big else 9.65e-6, batch_size=8 if big else 32,
+               lr=paper["sft_lr"], batch_size=paper["sft_batch_size"],
                log_every=10, save_every=200, eval_every=100, eval_batches=16)
   # Appendix C.2: one epoch, LR 9e-6 cosine to 10%, 64 prompts per batch,
   # all C(K,2) pairs of a prompt in one batch (K <= 9: data.world.k_max).
@@ -100,14 +113,14 @@ def base(size: str, stage: str) -> mlc.ConfigDict:
   # 64, one epoch, clip 0.2, beta 0.02, ptx gamma 27.8 with 8x as many
   # pretraining rows as episodes, constant LR after 10 warmup iterations,
   # EMA 0.992, no discount (train/ppo.py fixes gamma=1), temperature 1
-  # (RolloutConfig's default). Value model from the 6B RM: LR 9e-6, or 5e-6
-  # for the 175B policy. The policy LR is not in our reference notes: we use
-  # the SFT LR, inside the paper's sweep (2.55e-6 .. 2.55e-5). GAE lambda is
-  # not reported; 0.95 follows OpenAI's earlier RLHF code.
+  # (RolloutConfig's default). Value model from the 6B RM (LR: PAPER). The
+  # policy LR is not in our reference notes: we use the SFT LR, inside the
+  # paper's sweep (2.55e-6 .. 2.55e-5). GAE lambda is not reported; 0.95
+  # follows OpenAI's earlier RLHF code.
   c.ppo.update(data=f"jsonl:{DATA}/prompts.jsonl",
                ptx_data=f"text:{DATA}/pretrain.txt", iterations=256_000 // 512,
                batch_size=512, minibatch_size=64, epochs=1,
-               lr=5.03e-6 if big else 9.65e-6, value_lr=5e-6 if big else 9e-6,
+               lr=paper["sft_lr"], value_lr=paper["value_lr"],
                warmup_iterations=10, clip_eps=0.2, kl_coef=0.02, ptx_coef=27.8,
                ptx_ratio=8, ptx_seq_len=CONTEXT // 2, lam=0.95, ema_decay=0.992,
                prompt_len=CONTEXT // 2, max_new_tokens=CONTEXT // 2,
@@ -145,3 +158,43 @@ def runlocal(c: mlc.ConfigDict) -> None:
     m.update(num_layers=2, d_model=32, num_heads=2, head_dim=None, vocab_size=259,
              max_len=tiny.model.max_len)
   target(c, "v5p:2x2x1", dict(fsdp=-1))
+
+
+def sft_config(size: str, arg: str, *, topology: str, mesh: dict,
+               remat: str | None = None) -> mlc.ConfigDict:
+  """SFT of a GPT-3 `size` (Appendix C.1) on the TPU slice `topology`.
+
+  `arg` names the variants (config_flags' `file.py:arg`); `remat`, where
+  given, replaces the policy's nothing_saveable where memory allows.
+  """
+  c = base(size, stage="sft")
+  if remat:
+    c.model.remat_policy = remat
+  return _finish(c, arg, topology, mesh)
+
+
+def rm_config(arg: str, *, topology: str, mesh: dict) -> mlc.ConfigDict:
+  """The 6B RM (Appendix C.2), the one RM for every policy size."""
+  return _finish(base("6b", stage="rm"), arg, topology, mesh)
+
+
+def ppo_ptx_config(size: str, arg: str, *, topology: str, mesh: dict,
+                   remat: str | None = None) -> mlc.ConfigDict:
+  """PPO-ptx of a GPT-3 `size` policy against the 6B RM (Appendix C.3-C.4).
+
+  `remat`, where given, applies to both trained models: the policy and the
+  value model (`config.rm_model`).
+  """
+  c = base(size, stage="ppo_ptx")
+  if remat:
+    for m in (c.model, c.rm_model):
+      m.remat_policy = remat
+  return _finish(c, arg, topology, mesh)
+
+
+def _finish(c: mlc.ConfigDict, arg: str, topology: str,
+            mesh: dict) -> mlc.ConfigDict:
+  target(c, topology, mesh)
+  if "runlocal" in variants(arg):
+    runlocal(c)
+  return c

@@ -25,9 +25,5 @@ def _load_helper():
 
 
 def get_config(arg: str = ""):
-  shapes = _load_helper()
-  c = shapes.base("175b", stage="ppo_ptx")
-  shapes.target(c, "v5p:8x8x8", dict(fsdp=64, tensor=8))
-  if "runlocal" in shapes.variants(arg):
-    shapes.runlocal(c)
-  return c
+  return _load_helper().ppo_ptx_config(
+      "175b", arg, topology="v5p:8x8x8", mesh=dict(fsdp=64, tensor=8))

@@ -26,13 +26,8 @@ def _load_helper():
 
 
 def get_config(arg: str = ""):
-  shapes = _load_helper()
-  c = shapes.base("1p3b", stage="ppo_ptx")
-  shapes.target(c, "v5p:2x4x4", dict(fsdp=32))
-  # The learner's 14 GiB per chip with full remat leaves room to keep the
-  # weight matmuls' outputs of both the policy and the value model.
-  for m in (c.model, c.rm_model):
-    m.remat_policy = "dots_with_no_batch_dims_saveable"
-  if "runlocal" in shapes.variants(arg):
-    shapes.runlocal(c)
-  return c
+  return _load_helper().ppo_ptx_config(
+      "1p3b", arg, topology="v5p:2x4x4", mesh=dict(fsdp=32),
+      # The learner's 14 GiB per chip with full remat leaves room to keep the
+      # weight matmuls' outputs of both the policy and the value model.
+      remat="dots_with_no_batch_dims_saveable")

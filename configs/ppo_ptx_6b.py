@@ -25,12 +25,7 @@ def _load_helper():
 
 
 def get_config(arg: str = ""):
-  shapes = _load_helper()
-  c = shapes.base("6b", stage="ppo_ptx")
-  shapes.target(c, "v5p:4x4x4", dict(fsdp=64))
-  # 14 GiB per chip with full remat: keep the weight matmuls' outputs.
-  for m in (c.model, c.rm_model):
-    m.remat_policy = "dots_with_no_batch_dims_saveable"
-  if "runlocal" in shapes.variants(arg):
-    shapes.runlocal(c)
-  return c
+  return _load_helper().ppo_ptx_config(
+      "6b", arg, topology="v5p:4x4x4", mesh=dict(fsdp=64),
+      # 14 GiB per chip with full remat: keep the weight matmuls' outputs.
+      remat="dots_with_no_batch_dims_saveable")

@@ -24,9 +24,5 @@ def _load_helper():
 
 
 def get_config(arg: str = ""):
-  shapes = _load_helper()
-  c = shapes.base("6b", stage="rm")
-  shapes.target(c, "v5p:2x4x4", dict(fsdp=32))
-  if "runlocal" in shapes.variants(arg):
-    shapes.runlocal(c)
-  return c
+  return _load_helper().rm_config(arg, topology="v5p:2x4x4",
+                                  mesh=dict(fsdp=32))

@@ -23,11 +23,7 @@ def _load_helper():
 
 
 def get_config(arg: str = ""):
-  shapes = _load_helper()
-  c = shapes.base("175b", stage="sft")
-  shapes.target(c, "v5p:4x8x8", dict(fsdp=8, tensor=32))
-  # One row per data shard leaves room to keep the weight matmuls' outputs.
-  c.model.remat_policy = "dots_with_no_batch_dims_saveable"
-  if "runlocal" in shapes.variants(arg):
-    shapes.runlocal(c)
-  return c
+  return _load_helper().sft_config(
+      "175b", arg, topology="v5p:4x8x8", mesh=dict(fsdp=8, tensor=32),
+      # One row per data shard leaves room to keep the weight matmuls' outputs.
+      remat="dots_with_no_batch_dims_saveable")

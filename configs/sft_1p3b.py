@@ -22,11 +22,7 @@ def _load_helper():
 
 
 def get_config(arg: str = ""):
-  shapes = _load_helper()
-  c = shapes.base("1p3b", stage="sft")
-  shapes.target(c, "v5p:2x2x2", dict(fsdp=8))
-  # 8 GiB of 95 per chip with full remat: keep the weight matmuls instead.
-  c.model.remat_policy = "dots_with_no_batch_dims_saveable"
-  if "runlocal" in shapes.variants(arg):
-    shapes.runlocal(c)
-  return c
+  return _load_helper().sft_config(
+      "1p3b", arg, topology="v5p:2x2x2", mesh=dict(fsdp=8),
+      # 8 GiB of 95 per chip with full remat: keep the weight matmuls instead.
+      remat="dots_with_no_batch_dims_saveable")

@@ -22,10 +22,6 @@ def _load_helper():
 
 
 def get_config(arg: str = ""):
-  shapes = _load_helper()
-  c = shapes.base("6b", stage="sft")
-  shapes.target(c, "v5p:2x4x4", dict(fsdp=32))
-  c.model.remat_policy = "dots_with_no_batch_dims_saveable"
-  if "runlocal" in shapes.variants(arg):
-    shapes.runlocal(c)
-  return c
+  return _load_helper().sft_config(
+      "6b", arg, topology="v5p:2x4x4", mesh=dict(fsdp=32),
+      remat="dots_with_no_batch_dims_saveable")

@@ -3,7 +3,8 @@
 Every function here is pure and jittable. Argument checks look only at
 static shapes and dtypes, so they run once at trace time and cost nothing
 under `jax.jit`; they raise `ValueError` (shapes, ranks, unknown options) or
-`TypeError` (dtypes) naming the argument and what was seen.
+`TypeError` (dtypes) naming the argument and what was seen. They live in
+`instructrl.loss_checks`, so this module is the math.
 
 Conventions:
   * Masks may be bool or numeric {0, 1}; a position counts when mask != 0.
@@ -22,67 +23,13 @@ sampler and training steps import it, and they must not pull in TensorFlow or
 seqio (those live in `instructrl.data`).
 """
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
+from instructrl import loss_checks
+
 Array = jax.Array
 Metrics = dict[str, Array]
-
-_KL_KINDS = ("k1", "k2", "k3")
-
-
-# ----------------------------------------------------------------------------
-# Static argument checks.
-# ----------------------------------------------------------------------------
-
-
-def _shapes(**arrays: Any) -> str:
-  return ", ".join(f"{k} {tuple(v.shape)}" for k, v in arrays.items())
-
-
-def _check_rank(fn: str, name: str, x: Array, rank: int, dims: str) -> None:
-  if x.ndim != rank:
-    raise ValueError(
-        f"{fn}: `{name}` must have rank {rank} ({dims}); got shape"
-        f" {tuple(x.shape)}."
-    )
-
-
-def _check_same_shape(fn: str, **arrays: Array) -> None:
-  shapes = {tuple(v.shape) for v in arrays.values()}
-  if len(shapes) != 1:
-    names = ", ".join(f"`{k}`" for k in arrays)
-    raise ValueError(
-        f"{fn}: {names} must all have the same shape; got"
-        f" {_shapes(**arrays)}."
-    )
-
-
-def _check_float(fn: str, name: str, x: Array) -> None:
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{fn}: `{name}` must be floating point; got {x.dtype}.")
-
-
-def _check_int(fn: str, name: str, x: Array) -> None:
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise TypeError(f"{fn}: `{name}` must be an integer dtype; got {x.dtype}.")
-
-
-def _check_bool(fn: str, name: str, x: Array) -> None:
-  if x.dtype != jnp.bool_:
-    raise TypeError(f"{fn}: `{name}` must be bool; got {x.dtype}.")
-
-
-def _check_mask(fn: str, name: str, x: Array) -> None:
-  # Masks are bool or real numeric weights; anything else (complex, strings)
-  # is a caller bug worth failing loudly on.
-  real = jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(
-      x.dtype, jnp.floating
-  )
-  if not (x.dtype == jnp.bool_ or real):
-    raise TypeError(f"{fn}: `{name}` must be bool or real; got {x.dtype}.")
 
 
 def _f32(x: Array) -> Array:
@@ -134,17 +81,7 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
   Returns:
     [B, T] float32 log-probabilities.
   """
-  fn = "token_logprobs"
-  logits, targets = jnp.asarray(logits), jnp.asarray(targets)
-  _check_rank(fn, "logits", logits, 3, "[B, T, V]")
-  _check_rank(fn, "targets", targets, 2, "[B, T]")
-  if logits.shape[:2] != targets.shape:
-    raise ValueError(
-        f"{fn}: `logits` [B, T, V] and `targets` [B, T] must agree on B, T;"
-        f" got {_shapes(logits=logits, targets=targets)}."
-    )
-  _check_float(fn, "logits", logits)
-  _check_int(fn, "targets", targets)
+  logits, targets = loss_checks.token_logprobs_args(logits, targets)
   logits = logits.astype(jnp.float32)
   # Shift by the row max m and return (z_y − m) − log Σ exp(z − m) rather
   # than z_y − logsumexp(z): both terms of the latter are ~m, so for large
@@ -158,9 +95,8 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
   return (target_logit - m)[..., 0] - log_norm
 
 
-def masked_lm_loss(
-    logits: Array, targets: Array, mask: Array
-) -> tuple[Array, Metrics]:
+def masked_lm_loss(logits: Array, targets: Array,
+                   mask: Array) -> tuple[Array, Metrics]:
   """Token-averaged cross-entropy over the masked (response) tokens.
 
     loss = Σ_{b,t} m_{bt} · (−log p(y_{bt})) / Σ_{b,t} m_{bt}   (0 if Σ m = 0)
@@ -175,15 +111,7 @@ def masked_lm_loss(
     argmax(logits) == target), "num_tokens" (Σ mask) and "perplexity"
     (exp(loss)).
   """
-  fn = "masked_lm_loss"
-  mask = jnp.asarray(mask)
-  _check_mask(fn, "mask", mask)
-  targets = jnp.asarray(targets)
-  if mask.shape != targets.shape:
-    raise ValueError(
-        f"{fn}: `mask` must have the shape of `targets` [B, T]; got"
-        f" {_shapes(targets=targets, mask=mask)}."
-    )
+  targets, mask = loss_checks.masked_lm_args(targets, mask)
   logp = token_logprobs(logits, targets)
   loss = _masked_mean(-logp, mask)
   correct = jnp.argmax(logits, axis=-1) == targets
@@ -201,20 +129,8 @@ def masked_lm_loss(
 # ----------------------------------------------------------------------------
 
 
-def _check_ranking_args(scores: Array, ranks: Array, valid: Array) -> None:
-  fn = "ranking_loss"
-  _check_rank(fn, "scores", scores, 2, "[P, K]")
-  _check_rank(fn, "ranks", ranks, 2, "[P, K]")
-  _check_rank(fn, "valid", valid, 2, "[P, K]")
-  _check_same_shape(fn, scores=scores, ranks=ranks, valid=valid)
-  _check_float(fn, "scores", scores)
-  _check_int(fn, "ranks", ranks)
-  _check_bool(fn, "valid", valid)
-
-
-def ranking_loss(
-    scores: Array, ranks: Array, valid: Array
-) -> tuple[Array, Metrics]:
+def ranking_loss(scores: Array, ranks: Array,
+                 valid: Array) -> tuple[Array, Metrics]:
   """Reward-model pairwise ranking loss, InstructGPT (Ouyang et al. 2022) Eq. 1.
 
   For prompt p, the counted pairs are
@@ -241,8 +157,7 @@ def ranking_loss(
     over prompts) with s_i > s_j; "margin" = mean of s_i − s_j over counted
     pairs (pooled); "num_pairs" = Σ_p |S_p|; "num_prompts" = |Q|.
   """
-  scores, ranks, valid = map(jnp.asarray, (scores, ranks, valid))
-  _check_ranking_args(scores, ranks, valid)
+  scores, ranks, valid = loss_checks.ranking_args(scores, ranks, valid)
   s = _where0(valid, scores.astype(jnp.float32))
   # pair[p, i, j]: completion i is preferred over completion j.
   pair = (
@@ -287,16 +202,7 @@ def kl_penalty(logp: Array, ref_logp: Array, kind: str = "k1") -> Array:
   Returns:
     float32 array of the shape of `logp`.
   """
-  fn = "kl_penalty"
-  if kind not in _KL_KINDS:
-    raise ValueError(
-        f"{fn}: unknown kind {kind!r}; allowed kinds are"
-        f" {', '.join(_KL_KINDS)}."
-    )
-  logp, ref_logp = jnp.asarray(logp), jnp.asarray(ref_logp)
-  _check_same_shape(fn, logp=logp, ref_logp=ref_logp)
-  _check_float(fn, "logp", logp)
-  _check_float(fn, "ref_logp", ref_logp)
+  logp, ref_logp = loss_checks.kl_args(logp, ref_logp, kind)
   log_r = _f32(ref_logp) - _f32(logp)
   if kind == "k1":
     return -log_r
@@ -305,13 +211,8 @@ def kl_penalty(logp: Array, ref_logp: Array, kind: str = "k1") -> Array:
   return jnp.expm1(log_r) - log_r
 
 
-def gae(
-    rewards: Array,
-    values: Array,
-    mask: Array,
-    gamma: float | Array,
-    lam: float | Array,
-) -> tuple[Array, Array]:
+def gae(rewards: Array, values: Array, mask: Array, gamma: float | Array,
+        lam: float | Array) -> tuple[Array, Array]:
   """Generalised advantage estimation (Schulman et al. 2016) over the response.
 
   Scanning t = T−1 … 0 with carry (V', A') = value and advantage of the next
@@ -342,13 +243,7 @@ def gae(
   Returns:
     (advantages, returns), both [B, T] float32, zero outside the mask.
   """
-  fn = "gae"
-  rewards, values, mask = map(jnp.asarray, (rewards, values, mask))
-  _check_rank(fn, "rewards", rewards, 2, "[B, T]")
-  _check_same_shape(fn, rewards=rewards, values=values, mask=mask)
-  _check_float(fn, "rewards", rewards)
-  _check_float(fn, "values", values)
-  _check_mask(fn, "mask", mask)
+  rewards, values, mask = loss_checks.gae_args(rewards, values, mask)
   m = mask != 0
   r = _where0(m, _f32(rewards))
   v = _where0(m, _f32(values))
@@ -388,11 +283,7 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
   Returns:
     float32 array like `x`, zero outside the mask.
   """
-  fn = "whiten"
-  x, mask = jnp.asarray(x), jnp.asarray(mask)
-  _check_same_shape(fn, x=x, mask=mask)
-  _check_float(fn, "x", x)
-  _check_mask(fn, "mask", mask)
+  x, mask = loss_checks.token_args("whiten", x=x, mask=mask)
   m = mask != 0
   x = _where0(m, _f32(x))
   mean = _masked_mean(x, m)
@@ -403,22 +294,9 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True) -> Array:
   return _where0(m, y)
 
 
-def _check_token_args(fn: str, **arrays: Array) -> None:
-  """All [B, T]-like per-token arrays: same shape; mask last, others float."""
-  *floats, (mask_name, mask) = arrays.items()
-  _check_same_shape(fn, **arrays)
-  for name, x in floats:
-    _check_float(fn, name, x)
-  _check_mask(fn, mask_name, mask)
-
-
-def ppo_policy_loss(
-    logp: Array,
-    old_logp: Array,
-    advantages: Array,
-    mask: Array,
-    clip_eps: float | Array,
-) -> tuple[Array, Metrics]:
+def ppo_policy_loss(logp: Array, old_logp: Array, advantages: Array,
+                    mask: Array,
+                    clip_eps: float | Array) -> tuple[Array, Metrics]:
   """PPO clipped surrogate (Schulman et al. 2017, Eq. 7), per response token.
 
   With ρ = exp(logp − old_logp) and the masked mean ⟨·⟩ over tokens,
@@ -447,12 +325,9 @@ def ppo_policy_loss(
   Returns:
     (loss, metrics).
   """
-  fn = "ppo_policy_loss"
-  arrays = map(jnp.asarray, (logp, old_logp, advantages, mask))
-  logp, old_logp, advantages, mask = arrays
-  _check_token_args(
-      fn, logp=logp, old_logp=old_logp, advantages=advantages, mask=mask
-  )
+  logp, old_logp, advantages, mask = loss_checks.token_args(
+      "ppo_policy_loss", logp=logp, old_logp=old_logp, advantages=advantages,
+      mask=mask)
   m = mask != 0
   old_logp = jax.lax.stop_gradient(_f32(old_logp))
   adv = jax.lax.stop_gradient(_where0(m, _f32(advantages)))
@@ -470,13 +345,8 @@ def ppo_policy_loss(
   return loss, jax.lax.stop_gradient(metrics)
 
 
-def value_loss(
-    values: Array,
-    old_values: Array,
-    returns: Array,
-    mask: Array,
-    clip_eps: float | Array,
-) -> tuple[Array, Metrics]:
+def value_loss(values: Array, old_values: Array, returns: Array, mask: Array,
+               clip_eps: float | Array) -> tuple[Array, Metrics]:
   """PPO2-style clipped value loss.
 
     V_clip = V_old + clip(V − V_old, −ε, ε)
@@ -504,12 +374,9 @@ def value_loss(
   Returns:
     (loss, metrics).
   """
-  fn = "value_loss"
-  arrays = map(jnp.asarray, (values, old_values, returns, mask))
-  values, old_values, returns, mask = arrays
-  _check_token_args(
-      fn, values=values, old_values=old_values, returns=returns, mask=mask
-  )
+  values, old_values, returns, mask = loss_checks.token_args(
+      "value_loss", values=values, old_values=old_values, returns=returns,
+      mask=mask)
   m = mask != 0
   v = _where0(m, _f32(values))
   v_old = jax.lax.stop_gradient(_where0(m, _f32(old_values)))

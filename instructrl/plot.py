@@ -182,16 +182,22 @@ def sweep(points: list[dict], coef: str, path: str, reference: dict | None = Non
       ax.axhline(reference[key], color="gray", ls="--", label="SFT")
     for o in others or []:
       ax.plot([o[coef]], [o[key]], "s", label=o.get("label", ""))
-    if min(xs) >= 0 and max(xs) > 0:
-      ax.set_xscale("symlog", linthresh=max(min(x for x in xs if x > 0), 1e-6))
+    if min(xs) > 0:
+      ax.set_xscale("log")
+    elif min(xs) == 0 and max(xs) > 0:  # Log-like, with 0 (plain PPO) shown.
+      lin = min(x for x in xs if x > 0)
+      ax.set_xscale("symlog", linthresh=lin)
+      ax.set_xlim(-0.1 * lin, max(xs) * 1.5)
     ax.set_xlabel(coef)
     ax.set_ylabel(label)
     ax.legend(fontsize=7)
   ax = axes[2]
   ax.plot([p["heldout_lm_loss"] for p in pts], [p["rm_score"] for p in pts], "o-")
-  for p in pts:
+  for i, p in enumerate(pts):  # Alternate sides: close points stay readable.
     ax.annotate(f"{coef}={p[coef]:g}", (p["heldout_lm_loss"], p["rm_score"]),
-                fontsize=7, xytext=(3, 3), textcoords="offset points")
+                fontsize=7, xytext=(5, 0) if i % 2 else (-5, 0),
+                textcoords="offset points", ha="left" if i % 2 else "right",
+                va="center")
   if reference:
     ax.plot([reference["heldout_lm_loss"]], [reference["rm_score"]], "k*", label="SFT")
   for o in others or []:

@@ -1,9 +1,9 @@
 """The full-size configs and the AOT planner.
 
-The config tests need nothing beyond the core install. The compile test needs
-libtpu (`pip install -e ".[tpu]"`) and compiles the runlocal SFT config for a
-4-chip v5p slice from this CPU host, then checks the figures against the
-parameter count and the sharding.
+The config tests need nothing beyond the core install. The compile tests need
+libtpu (`pip install -e ".[tpu]"`; CI installs it) and compile the runlocal
+SFT config for a 4-chip v5p slice from this CPU host, then check the figures
+against the parameter count and the sharding.
 """
 from __future__ import annotations
 
@@ -104,6 +104,15 @@ def test_forward_flops_is_two_per_weight_per_token():
   assert aot.forward_flops(cfg, 10, 32) - no_attention == 10 * 3 * 4 * 64 * 32
 
 
+def tpu_host() -> None:
+  """libtpu, set up to describe TPU slices from this CPU host."""
+  try:
+    import libtpu  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:  # Fail, not skip: CI installs libtpu.
+    raise ImportError(f'{e}; pip install -e ".[tpu]"') from e
+  aot.quiet_libtpu()
+
+
 def small_config():
   """runlocal, widened so that TPU tile padding is ~1% of the bytes."""
   c = load("sft_1p3b", "runlocal")
@@ -113,8 +122,7 @@ def small_config():
 
 @pytest.fixture(scope="module")
 def tpu_rows():
-  pytest.importorskip("libtpu")
-  aot.quiet_libtpu()
+  tpu_host()
   return aot.plan(small_config(), ["sft"], mfu=0.5)
 
 
@@ -158,8 +166,7 @@ def test_argument_bytes_are_the_shards(tpu_rows):
 
 def test_a_program_that_does_not_fit_says_so():
   """XLA:TPU refuses to compile past HBM; the planner reports it, no crash."""
-  pytest.importorskip("libtpu")
-  aot.quiet_libtpu()
+  tpu_host()
   c = small_config()
   c.model.update(d_model=16384, num_heads=128)  # 6.4B params on 4 v5e chips.
   c.tpu.topology = "v5e:2x2"
@@ -176,8 +183,7 @@ def test_table_and_json(tpu_rows):
 
 
 def test_chip_figures_per_device():
-  pytest.importorskip("libtpu")
-  aot.quiet_libtpu()
+  tpu_host()
   c = load("sft_1p3b", "runlocal")
   c.tpu.update(topology="v4:2x2x1")
   devices = aot.topology_devices(c.tpu)

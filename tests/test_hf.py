@@ -4,6 +4,7 @@ Models are tiny, randomly initialised by `transformers` itself and saved with
 `save_pretrained(safe_serialization=True)`; weights are redrawn at a larger
 scale so that every tensor (biases and norms included) moves the logits.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -14,13 +15,19 @@ import numpy as np
 import pytest
 from flax import nnx
 
+try:  # Parity checks against the libraries themselves.
+  import safetensors.numpy
+  import sentencepiece as spm  # And seqio, behind hf.load_vocabulary.
+  import tokenizers
+  import torch
+  import transformers
+except ImportError as e:  # Fail, not skip: CI installs both extras.
+  raise ImportError(f'{e}; pip install -e ".[data,hf-test]"') from e
+
 from instructrl import hf
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel, ModelConfig
 from instructrl.sampling import SampleConfig, sample
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 V = 61
 ARCHS = {
@@ -119,19 +126,36 @@ def test_round_trip_through_export(hf_dirs, arch, tmp_path):
   assert again.cfg == hf.load_pretrained(hf_dirs[arch]).cfg
 
 
-@pytest.mark.parametrize("style", ["gpt", "llama"])
-def test_native_model_exports_to_transformers(style, tmp_path):
+def _native(style, scan=False):
   cfg = ModelConfig(vocab_size=V, num_layers=2, d_model=16, num_heads=4,
                     num_kv_heads=2 if style == "llama" else None, d_ff=24, max_len=32,
-                    style=style, tie_embeddings=style == "gpt", rope_theta=300.0)
-  model = LanguageModel(cfg, nnx.Rngs(3))
-  graphdef, params = nnx.split(model)
+                    style=style, tie_embeddings=style == "gpt", rope_theta=300.0,
+                    scan_layers=scan)
+  graphdef, params = nnx.split(LanguageModel(cfg, nnx.Rngs(3)))
   params = jax.tree.map(lambda x: x * 5, params)  # Logits of order one.
+  return cfg, params, _logits(graphdef, params, _tokens())
+
+
+def _logits(graphdef, params, tokens):
+  return np.asarray(jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])(params, tokens))
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_native_model_exports_to_transformers(style, tmp_path):
+  cfg, params, ours = _native(style)
   hf.save_pretrained(str(tmp_path), cfg, params)
-  tokens = _tokens()
-  ours, _ = nnx.merge(graphdef, params)(jnp.asarray(tokens))
-  np.testing.assert_allclose(np.asarray(ours), _hf_logits(str(tmp_path), tokens),
-                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(ours, _hf_logits(str(tmp_path), _tokens()), atol=1e-4,
+                             rtol=0)
+
+
+@pytest.mark.parametrize("style", ["gpt", "llama"])
+def test_native_round_trip_without_transformers(style, tmp_path):
+  cfg, params, ours = _native(style, scan=True)
+  hf.save_pretrained(str(tmp_path), cfg, params)
+  again = hf.load_pretrained(str(tmp_path), scan_layers=True)
+  unused_theta = {"rope_theta": 10000.0} if style == "gpt" else {}  # No RoPE.
+  assert again.cfg == dataclasses.replace(cfg, d_ff=cfg.ff_dim, **unused_theta)
+  np.testing.assert_array_equal(_logits(again.graphdef, again.params, _tokens()), ours)
 
 
 def test_greedy_sampler_matches_generate(hf_dirs):
@@ -225,23 +249,21 @@ def test_no_pickle_and_not_a_model(tmp_path):
 
 
 def test_safetensors_format_agrees_with_the_library(tmp_path):
-  st = pytest.importorskip("safetensors.numpy")
   arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4),
             "b": np.arange(5, dtype=np.int64), "c": np.ones((2, 3), np.float16),
             "empty": np.zeros((0, 3), np.float32)}
   ours = str(tmp_path / "ours.safetensors")
   hf.write_safetensors(ours, arrays, {"format": "pt"})
-  for k, v in st.load_file(ours).items():
+  for k, v in safetensors.numpy.load_file(ours).items():
     np.testing.assert_array_equal(v, arrays[k])
   theirs = str(tmp_path / "theirs.safetensors")
-  st.save_file(arrays, theirs)
+  safetensors.numpy.save_file(arrays, theirs)
   for k, v in hf.read_safetensors(theirs).items():
     assert v.dtype == arrays[k].dtype
     np.testing.assert_array_equal(v, arrays[k])
 
 
 def test_tokenizer_json_vocabulary(tmp_path):
-  tokenizers = pytest.importorskip("tokenizers")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
@@ -266,7 +288,6 @@ def test_tokenizer_json_vocabulary(tmp_path):
 
 
 def test_sentencepiece_vocabulary(tmp_path):
-  spm = pytest.importorskip("sentencepiece")
   text = tmp_path / "corpus.txt"
   text.write_text("\n".join(["the quick brown fox", "jumps over the lazy dog"] * 20))
   spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "tokenizer"),
