@@ -55,7 +55,8 @@ def get_config(arg: str = ""):
   # Stage 2: the reward model from SFT weights; Eq. 1 over all C(K,2) pairs.
   c.rm = _lm_stage(data="world", init="sft", epochs=2.0, batch_size=16, seq_len=80,
                    lr=5e-4, warmup_steps=10, eval_every=50, heldout_group=4, demo_data="world",
-                   demo_batches=8)
+                   demo_batches=8, candidates="world", sample_temperature=1.0,
+                   sample_new_tokens=24, sample_batch_size=64)
 
   # Stage 3: PPO and PPO-ptx (the paper, Appendix C.4; sizes scaled down).
   c.ppo = mlc.ConfigDict(dict(

@@ -4,8 +4,8 @@ Kept thin on purpose (nanodo): parse flags, build the mesh, dispatch on
 `config.stage`. The stages live in `instructrl.train`; user mistakes end in
 one line on stderr and exit code 2, not a traceback.
 """
+import difflib
 import os
-import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF (data layer) start-up noise.
@@ -69,15 +69,34 @@ def main(argv):
 
 
 def _unknown_key(argv, error) -> str:
-  """Names the override flag(s) whose path holds the missing key."""
-  # The message is a repr of a repr: "'lr_typo'", maybe with "Did you mean".
-  text = str(error)
-  key = (re.findall(r"[A-Za-z_]\w*", text) or ["?"])[0]
-  hint = re.search(r'Did you mean \W*(\w+)', text)
-  hits = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")
-          and key in a.split("=", 1)[0][len("--config."):].split(".")]
-  return (f"{', '.join(hits) or '--config'}: unknown config key {key!r}"
-          + (f" (did you mean {hint.group(1)!r}?)" if hint else ""))
+  """Names the `--config.a.b` override whose path the config lacks.
+
+  ml_collections lets the KeyError/AttributeError of the missing key escape
+  without the flag's name, so we walk each override's path through the
+  config, loaded again by the flag's own parser.
+  """
+  args, path = argv[1:], _DEFAULT_CONFIG
+  for arg, after in zip(args, args[1:] + [""]):
+    name, eq, value = arg.lstrip("-").partition("=")
+    if name == "config":
+      path = value if eq else after
+  try:
+    config = flags.FLAGS["config"].parser.parse(path)
+  except Exception:  # pylint: disable=broad-except
+    return f"--config: {error}"
+  for arg in args:
+    name = arg.lstrip("-").partition("=")[0]
+    if not name.startswith("config."):
+      continue
+    node = config
+    for key in name.split(".")[1:]:
+      if not hasattr(node, "keys") or key not in node:
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(key, keys, 1, 0.75)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"--{name}: unknown config key {key!r}{hint}"
+      node = node[key]
+  return f"--config: {error}"
 
 
 def _parse_flags(argv):

@@ -31,12 +31,12 @@ def test_ptx_rows_is_the_requested_share_in_whole_device_rows():
 
 
 def test_mixed_batches_concatenate_and_resume_exactly():
-  it = sft_extras.MixedBatches(_Counter(1, 4), _Counter(2, 1))
+  it = sft_extras.mixed_batches(_Counter(1, 4), _Counter(2, 1))
   first = next(it)
   assert first["tokens"].shape == (5, 3)
   np.testing.assert_array_equal(first["tokens"][:, 0], [101] * 4 + [201])
   state = it.get_state()
   expected = next(it)
-  again = sft_extras.MixedBatches(_Counter(1, 4), _Counter(2, 1))
+  again = sft_extras.mixed_batches(_Counter(1, 4), _Counter(2, 1))
   again.set_state(state)
   np.testing.assert_array_equal(next(again)["tokens"], expected["tokens"])

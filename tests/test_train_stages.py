@@ -370,12 +370,11 @@ def test_ppo_ptx_resumes_exactly_at_iteration_boundaries(one_device, tmp_path,
                                                           monkeypatch):
   """Stopped after iteration 3 (checkpoint at 2) and restarted, PPO-ptx ends
   with the parameters of an uninterrupted run, bit for bit."""
-  from instructrl.train import ppo as ppo_stage  # pylint: disable=g-import-not-at-top
   config = load_config({**OVERRIDES, **MESH1, **PPO_OVERRIDES, "stage": "ppo_ptx"})
   ref = _copy_stages(one_device, tmp_path / "ref")
   pipeline.run(config, str(ref), devices=jax.devices()[:1])
   work = _copy_stages(one_device, tmp_path / "work")
-  real_next = ppo_stage._Batches.__next__
+  real_next = common.JointBatches.__next__  # PPO's prompts + ptx rows.
   calls = {"n": 0}
 
   def flaky_next(self):
@@ -383,11 +382,11 @@ def test_ppo_ptx_resumes_exactly_at_iteration_boundaries(one_device, tmp_path,
     if calls["n"] == 4:  # Iterations 1-3 ran; the checkpoint holds step 2.
       raise _Interrupt()
     return real_next(self)
-  monkeypatch.setattr(ppo_stage._Batches, "__next__", flaky_next)
+  monkeypatch.setattr(common.JointBatches, "__next__", flaky_next)
   with pytest.raises(_Interrupt):
     pipeline.run(config, str(work), devices=jax.devices()[:1])
   assert not common.is_done(str(work), "ppo_ptx")
-  monkeypatch.setattr(ppo_stage._Batches, "__next__", real_next)
+  monkeypatch.setattr(common.JointBatches, "__next__", real_next)
   pipeline.run(config, str(work), devices=jax.devices()[:1])
   a, b = _pure_export(ref, "ppo_ptx"), _pure_export(work, "ppo_ptx")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

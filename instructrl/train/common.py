@@ -10,10 +10,9 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -161,6 +160,43 @@ def train_loop(*, stage: str, workdir: str, state, shardings, step_fn: Callable,
   return state, best_params, summary
 
 
-def jsonable(tree) -> Any:
-  return jax.tree.map(lambda x: float(np.asarray(x)) if np.ndim(x) == 0 else
-                      np.asarray(x).tolist(), tree)
+def mesh_jit(fn: Callable, mesh, **jit_kwargs) -> Callable:
+  """`jax.jit(fn, **jit_kwargs)`, called under `jax.set_mesh(mesh)`.
+
+  The model's `mesh.constrain` calls only take effect with a mesh set, so
+  every program that runs a model is called this way.
+  """
+  jitted = jax.jit(fn, **jit_kwargs)
+
+  def run(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+  run.jitted = jitted
+  return run
+
+
+class JointBatches:
+  """Two batch iterators stepped together, with one resumable state.
+
+  `combine(a, b)` makes the batch from one batch of each; without `extra`
+  (None) the batch is `main`'s. `names` are the keys of the two states in
+  the saved iterator state, fixed per caller so that checkpoints resume.
+  """
+
+  def __init__(self, main, extra, combine: Callable, names: tuple[str, str]):
+    self.main, self.extra, self.combine, self.names = main, extra, combine, names
+
+  def __next__(self):
+    batch = next(self.main)
+    return batch if self.extra is None else self.combine(batch, next(self.extra))
+
+  def get_state(self):
+    main, extra = self.names
+    return {main: self.main.get_state(),
+            extra: None if self.extra is None else self.extra.get_state()}
+
+  def set_state(self, state):
+    main, extra = self.names
+    self.main.set_state(state[main])
+    if self.extra is not None:
+      self.extra.set_state(state[extra])

@@ -24,7 +24,8 @@ from instructrl.model import LanguageModel, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.sampling import SampleConfig, make_sampler
 from instructrl.train import common
-from instructrl.train.stages import _batch_eval, _iterator, _lm_eval_step, model_config
+from instructrl.train.stages import (_batch_eval, _iterator, _lm_eval_step,
+                                     model_config, rm_key, rm_model_config)
 
 MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("ppo_ptx", "ppo_ptx"))
 
@@ -52,27 +53,34 @@ def _prompt_batches(config, texts, seq_len, batch_size):
       vocab=config.data.vocab, infinite=False)
 
 
-def _answers(config, graphdef, sh, params, texts, seq_len, mesh, rm, ref, vocab):
-  """Greedy answers (decoded), their RM scores, and the sampled KL to SFT."""
-  ec = config.eval
+def _programs(config, g_lm, sh_lm, g_rm, mesh) -> dict:
+  """The compiled programs every model's answers go through, built once."""
   from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
-  greedy = make_sampler(graphdef, sh, SampleConfig(ec.max_new_tokens, 0.0,
-                                                   eos_id=EOS_ID), mesh)
-  temp1 = make_sampler(graphdef, sh, SampleConfig(ec.max_new_tokens, 1.0,
-                                                  eos_id=EOS_ID), mesh)
-  score_fn = jax.jit(lambda p, s, m: rollout_lib.sequence_scores(rm[0], p, s, m))
-  ref_fn = jax.jit(lambda p, s, m, r: rollout_lib.response_logprobs(ref[0], p, s, m, r))
+  n = config.eval.max_new_tokens
+  return {
+      "greedy": make_sampler(g_lm, sh_lm, SampleConfig(n, 0.0, eos_id=EOS_ID), mesh),
+      "sample": make_sampler(g_lm, sh_lm, SampleConfig(n, 1.0, eos_id=EOS_ID), mesh),
+      "score": common.mesh_jit(
+          lambda p, s, m: rollout_lib.sequence_scores(g_rm, p, s, m), mesh),
+      "ref_logp": common.mesh_jit(
+          lambda p, s, m, r: rollout_lib.response_logprobs(g_lm, p, s, m, r), mesh),
+  }
+
+
+def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
+  """Greedy answers (decoded), their RM scores, and the sampled KL to SFT."""
+  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
   answers, scores, kls = [], [], []
-  it = _prompt_batches(config, texts, seq_len, ec.batch_size)
+  it = _prompt_batches(config, texts, seq_len, config.eval.batch_size)
   for i, batch in enumerate(it):
     b = mesh_lib.put_batch(batch, mesh)
-    out = greedy(params, b["prompt_tokens"], b["prompt_mask"], jax.random.key(0))
+    prompt = (b["prompt_tokens"], b["prompt_mask"])
+    out = progs["greedy"](params, *prompt, jax.random.key(0))
     seq_mask = jnp.concatenate([b["prompt_mask"], out.response_mask], axis=1)
-    with jax.set_mesh(mesh):
-      s = score_fn(rm[1], out.tokens, seq_mask)
-      smp = temp1(params, b["prompt_tokens"], b["prompt_mask"], jax.random.key(i + 1))
-      sm = jnp.concatenate([b["prompt_mask"], smp.response_mask], axis=1)
-      ref_lp = ref_fn(ref[1], smp.tokens, sm, smp.response)
+    s = progs["score"](rm, out.tokens, seq_mask)
+    smp = progs["sample"](params, *prompt, jax.random.key(i + 1))
+    sm = jnp.concatenate([b["prompt_mask"], smp.response_mask], axis=1)
+    ref_lp = progs["ref_logp"](sft, smp.tokens, sm, smp.response)
     kl = jnp.sum(jnp.where(smp.response_mask, smp.logp_raw - ref_lp, 0.0), axis=1)
     real = np.asarray(batch["prompt_mask"]).any(axis=1)
     resp, mask = np.asarray(out.response), np.asarray(out.response_mask)
@@ -89,21 +97,23 @@ def run_eval_stage(config, workdir: str, mesh) -> dict:
   from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
   t0 = time.monotonic()
   ec = config.eval
-  cfg = model_config(config)
+  cfg, rm_cfg = model_config(config), rm_model_config(config)
   vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
-  for key in ("fewshot_prompt_len",):
-    if ec[key] + ec.max_new_tokens > cfg.max_len:
-      raise common.ConfigError(f"config.eval.{key} + config.eval.max_new_tokens "
-                               f"exceeds config.model.max_len={cfg.max_len}")
+  # The RM scores the base model's answers after the few-shot prompt too.
+  for name, max_len in (("model", cfg.max_len), (rm_key(config), rm_cfg.max_len)):
+    if ec.fewshot_prompt_len + ec.max_new_tokens > max_len:
+      raise common.ConfigError(
+          "config.eval.fewshot_prompt_len + config.eval.max_new_tokens exceeds "
+          f"config.{name}.max_len={max_len}")
   prompts = pipeline.get_prompts("world", "test", world=dict(config.data.world))
   if ec.num_prompts:
     prompts = prompts[:ec.num_prompts]
   g_lm, abs_lm = abstract(LanguageModel, cfg)
-  g_sc, abs_sc = abstract(ScalarModel, cfg)
+  g_sc, abs_sc = abstract(ScalarModel, rm_cfg)
   sh_lm = mesh_lib.state_shardings(abs_lm, mesh)
-  rm = (g_sc, common.load_export(workdir, "rm", abs_sc,
-                                 mesh_lib.state_shardings(abs_sc, mesh)))
+  rm = common.load_export(workdir, "rm", abs_sc, mesh_lib.state_shardings(abs_sc, mesh))
   sft = common.load_export(workdir, "sft", abs_lm, sh_lm)
+  progs = _programs(config, g_lm, sh_lm, g_sc, mesh)
   lm_eval = _lm_eval_step(g_lm, mesh)
   heldout = _iterator(config, "lm", config.pretrain.data, "validation",
                       ec.batch_size, config.pretrain.seq_len, config.seed,
@@ -116,8 +126,8 @@ def run_eval_stage(config, workdir: str, mesh) -> dict:
     params = sft if stage == "sft" else common.load_export(workdir, stage, abs_lm, sh_lm)
     texts = [(prefix if name == "base" else "") + p.text for p in prompts]
     seq_len = ec.fewshot_prompt_len if name == "base" else config.ppo.prompt_len
-    answers, score, kl = _answers(config, g_lm, sh_lm, params, texts, seq_len, mesh,
-                                  rm, (g_lm, sft), vocab)
+    answers, score, kl = _answers(config, progs, params, texts, seq_len, mesh, rm,
+                                  sft, vocab)
     by_model[name] = answers
     lm = _batch_eval(lm_eval, params, heldout, mesh, ec.heldout_batches)
     extra[name] = {"rm_score": score, "kl_to_sft": kl, "heldout_lm_loss": lm["loss"]}

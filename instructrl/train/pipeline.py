@@ -38,8 +38,8 @@ def check_config(config, workdir: str, mesh) -> None:
   """Config mistakes, found before any stage starts or any file is written.
 
   A pipeline should not stop at the RM's batch size after the SFT ran; and
-  these checks need neither the data layer (slow TensorFlow import) nor a
-  model. The stages check again, for callers that skip this.
+  these checks need no data layer (slow TensorFlow import) and no parameters.
+  The stages check again, for callers that skip this.
   """
   if config.stage not in STAGES + ("pipeline",):
     raise common.ConfigError(f"config.stage: unknown stage {config.stage!r}; "
@@ -53,10 +53,15 @@ def check_config(config, workdir: str, mesh) -> None:
                                    f"config.{stage}.batch_size")
     except ValueError as e:
       raise common.ConfigError(str(e)) from None
-    if sc.seq_len > config.model.max_len:
+    # The RM has the shape of `config.rm_model` where the config has one.
+    key = "rm_model" if stage == "rm" and "rm_model" in config else "model"
+    if sc.seq_len > config[key].max_len:
       raise common.ConfigError(f"config.{stage}.seq_len={sc.seq_len} exceeds "
-                               f"config.model.max_len={config.model.max_len}")
+                               f"config.{key}.max_len={config[key].max_len}")
     init = sc.get("init", "none")
+    if "rm_model" in config:
+      from instructrl.train import stages  # pylint: disable=g-import-not-at-top
+      stages.check_init_shape(config, stage, init)
     if init in STAGES and init not in todo and not common.is_done(workdir, init):
       raise common.ConfigError(
           f"config.{stage}.init={init!r}: stage {init!r} has no finished result "

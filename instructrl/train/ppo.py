@@ -20,38 +20,21 @@ from instructrl import steps
 from instructrl.model import LanguageModel, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.train import common
-from instructrl.train.stages import _iterator, model_config
+from instructrl.train.stages import _iterator, model_config, rm_key, rm_model_config
 
 PROMPT_KEYS = {"prompt_tokens": 2, "prompt_mask": 2, "prompt_id": 1}
 PTX_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
-class _Batches:
-  """Prompts plus (optionally) pretraining rows, with one joint state."""
-
-  def __init__(self, prompts, ptx):
-    self.prompts, self.ptx = prompts, ptx
-
-  def __next__(self):
-    batch = dict(next(self.prompts))
-    if self.ptx is not None:
-      batch.update({f"ptx_{k}": v for k, v in next(self.ptx).items()})
-    return batch
-
-  def get_state(self):
-    return {"prompts": self.prompts.get_state(),
-            "ptx": None if self.ptx is None else self.ptx.get_state()}
-
-  def set_state(self, state):
-    self.prompts.set_state(state["prompts"])
-    if self.ptx is not None:
-      self.ptx.set_state(state["ptx"])
+def _with_ptx(prompts, ptx):
+  return {**prompts, **{f"ptx_{k}": v for k, v in ptx.items()}}
 
 
 def _load_models(config, workdir, cfg, mesh):
-  """Frozen reference + RM, and the initial policy/value params."""
+  """Frozen reference + RM, and the initial policy/value params. The value
+  model has the RM's shape (`config.rm_model`, if set): it starts as the RM."""
   g_lm, abs_lm = abstract(LanguageModel, cfg)
-  g_sc, abs_sc = abstract(ScalarModel, cfg)
+  g_sc, abs_sc = abstract(ScalarModel, rm_model_config(config))
   sh_lm = mesh_lib.state_shardings(abs_lm, mesh)
   sh_sc = mesh_lib.state_shardings(abs_sc, mesh)
   sft = common.load_export(workdir, "sft", abs_lm, sh_lm)
@@ -63,10 +46,10 @@ def _load_models(config, workdir, cfg, mesh):
 def initial_state(frozen, txs, kl_coef, state_sh, mesh):
   """The policy starts as the SFT model and the value model as the RM (the
   paper, 3.5); both get fresh optimizers."""
-  with jax.set_mesh(mesh):
-    return jax.jit(functools.partial(ppo_lib.init_state, policy_tx=txs["policy"],
-                                     value_tx=txs["value"], kl_coef=kl_coef),
-                   out_shardings=state_sh)(frozen["ref"], frozen["rm"])
+  init = functools.partial(ppo_lib.init_state, policy_tx=txs["policy"],
+                           value_tx=txs["value"], kl_coef=kl_coef)
+  return common.mesh_jit(init, mesh, out_shardings=state_sh)(frozen["ref"],
+                                                             frozen["rm"])
 
 
 def _jit_rollout(graphdefs, frozen_sh, state_sh, mesh, rc):
@@ -98,9 +81,11 @@ def run_ppo_stage(config, workdir: str, mesh, stage: str) -> dict:
   rc = rollout_lib.RolloutConfig(max_new_tokens=sc.max_new_tokens, eos_id=EOS_ID,
                                  pad_id=PAD_ID, lam=sc.lam, gamma=1.0,
                                  no_eos_penalty=sc.no_eos_penalty)
-  if sc.prompt_len + sc.max_new_tokens > cfg.max_len:
-    raise common.ConfigError("config.ppo.prompt_len + config.ppo.max_new_tokens "
-                             f"exceeds config.model.max_len={cfg.max_len}")
+  for key, max_len in (("model", cfg.max_len),
+                       (rm_key(config), rm_model_config(config).max_len)):
+    if sc.prompt_len + sc.max_new_tokens > max_len:
+      raise common.ConfigError("config.ppo.prompt_len + config.ppo.max_new_tokens "
+                               f"exceeds config.{key}.max_len={max_len}")
   graphdefs, frozen, (abs_lm, sh_lm), (abs_sc, sh_sc) = _load_models(
       config, workdir, cfg, mesh)
   updates_per_iter = sc.epochs * (sc.batch_size // sc.minibatch_size)
@@ -118,7 +103,6 @@ def run_ppo_stage(config, workdir: str, mesh, stage: str) -> dict:
   state = initial_state(frozen, txs, sc.kl_coef, state_sh, mesh)
   frozen_sh = {"ref": sh_lm, "rm": sh_sc}
   rollout = _jit_rollout(graphdefs, frozen_sh, state_sh, mesh, rc)
-  ptx_sh = {f"ptx_{k}": mesh_lib.batch_sharding(mesh, 2) for k in PTX_KEYS}
   learn = jax.jit(
       functools.partial(ppo_lib.learn, graphdefs=graphdefs, txs=txs, cfg=pc),
       in_shardings=(state_sh, None, None, rep, rep), out_shardings=(state_sh, rep),
@@ -133,7 +117,6 @@ def run_ppo_stage(config, workdir: str, mesh, stage: str) -> dict:
         ptx = {k: batch[f"ptx_{k}"] for k in PTX_KEYS}
       state, lm = learn(state, exp, ptx, rng, rm["kl"])
     return state, {**rm, **lm}
-  del ptx_sh
 
   prompts = _iterator(config, "prompts", sc.data, "train", sc.batch_size,
                       sc.prompt_len, config.seed)
@@ -141,9 +124,10 @@ def run_ppo_stage(config, workdir: str, mesh, stage: str) -> dict:
   if ptx_coef:
     ptx_it = _iterator(config, "lm", sc.ptx_data, "train",
                        sc.ptx_ratio * sc.batch_size, sc.ptx_seq_len, config.seed + 1)
+  batches = common.JointBatches(prompts, ptx_it, _with_ptx, ("prompts", "ptx"))
   state, _, summary = common.train_loop(
       stage=stage, workdir=workdir, state=state, shardings=state_sh, step_fn=step_fn,
-      batches=_Batches(prompts, ptx_it), mesh=mesh, num_steps=sc.iterations,
+      batches=batches, mesh=mesh, num_steps=sc.iterations,
       seed=config.seed, log_every=sc.log_every, save_every=sc.save_every,
       meta={"config": config.to_json()})
   params = state["ema"] if sc.ema_decay else state["params"]

@@ -1,6 +1,6 @@
 """SFT options from the paper: a pretraining mix, and selection by RM score.
 
-- `MixedBatches`: each SFT batch gets pretraining rows appended (the paper's
+- `mixed_batches`: each SFT batch gets pretraining rows appended (the paper's
   PPO-initialisation SFT model used 10% pretraining data). The rows share the
   SFT batch's layout, so the step's token-weighted LM loss runs over the union.
 - `rm_score_eval`: the mean reward-model score of greedy answers to the
@@ -16,6 +16,7 @@ import numpy as np
 from instructrl import mesh as mesh_lib
 from instructrl import rollout as rollout_lib
 from instructrl.sampling import SampleConfig, make_sampler
+from instructrl.train import common
 
 
 def ptx_rows(batch_size: int, frac: float, multiple: int) -> int:
@@ -27,23 +28,13 @@ def ptx_rows(batch_size: int, frac: float, multiple: int) -> int:
   return max(multiple, int(round(rows / multiple)) * multiple)
 
 
-class MixedBatches:
+def _concat_rows(a, b):
+  return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
+
+
+def mixed_batches(sft, ptx) -> common.JointBatches:
   """SFT rows followed by pretraining rows; one joint resumable state."""
-
-  def __init__(self, sft, ptx):
-    self.sft, self.ptx = sft, ptx
-    self.batches_per_epoch = sft.batches_per_epoch
-
-  def __next__(self):
-    a, b = next(self.sft), next(self.ptx)
-    return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
-
-  def get_state(self):
-    return {"sft": self.sft.get_state(), "ptx": self.ptx.get_state()}
-
-  def set_state(self, state):
-    self.sft.set_state(state["sft"])
-    self.ptx.set_state(state["ptx"])
+  return common.JointBatches(sft, ptx, _concat_rows, names=("sft", "ptx"))
 
 
 def rm_score_eval(lm_graphdef, lm_shardings, rm_graphdef, rm_params, prompts_it,
@@ -51,7 +42,8 @@ def rm_score_eval(lm_graphdef, lm_shardings, rm_graphdef, rm_params, prompts_it,
   """`eval(params) -> {"rm_score"}` over a one-pass prompt iterator."""
   sampler = make_sampler(lm_graphdef, lm_shardings,
                          SampleConfig(max_new_tokens, 0.0, eos_id=eos_id), mesh)
-  score = jax.jit(lambda p, s, m: rollout_lib.sequence_scores(rm_graphdef, p, s, m))
+  score = common.mesh_jit(
+      lambda p, s, m: rollout_lib.sequence_scores(rm_graphdef, p, s, m), mesh)
 
   def run(params):
     prompts_it.step = 0
@@ -60,8 +52,7 @@ def rm_score_eval(lm_graphdef, lm_shardings, rm_graphdef, rm_params, prompts_it,
       b = mesh_lib.put_batch(batch, mesh)
       out = sampler(params, b["prompt_tokens"], b["prompt_mask"], jax.random.key(0))
       seq_mask = jnp.concatenate([b["prompt_mask"], out.response_mask], axis=1)
-      with jax.set_mesh(mesh):
-        s = np.asarray(score(rm_params, out.tokens, seq_mask))
+      s = np.asarray(score(rm_params, out.tokens, seq_mask))
       real = np.asarray(batch["prompt_mask"]).any(axis=1)
       total += float(s[real].sum())
       n += int(real.sum())

@@ -5,7 +5,6 @@ state and jitted step, calls the shared loop, and exports its result.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 
@@ -37,10 +36,60 @@ def model_config(config, dropout: float = 0.0, **overrides) -> ModelConfig:
   return ModelConfig.from_dict(d)
 
 
-def check_seq_len(stage: str, seq_len: int, cfg: ModelConfig) -> None:
+def rm_model_config(config, dropout: float = 0.0) -> ModelConfig:
+  """The reward and value models' config: `config.rm_model` if the config
+  has one (one 6B RM for every policy size), else the policy's."""
+  if "rm_model" not in config:
+    return model_config(config, dropout)
+  vocab = model_config(config).vocab_size
+  d = dict(config.rm_model, dropout_rate=dropout)
+  if d["vocab_size"] and d["vocab_size"] != vocab:
+    # The RM reads the policy's token ids.
+    raise common.ConfigError(f"config.rm_model.vocab_size={d['vocab_size']} differs "
+                             f"from the policy's vocabulary size {vocab}")
+  d["vocab_size"] = vocab
+  return ModelConfig.from_dict(d)
+
+
+def rm_key(config) -> str:
+  """The config key of the RM's shape, for error messages."""
+  return "rm_model" if "rm_model" in config else "model"
+
+
+def _param_shapes(d: dict) -> list:
+  _, abs_params = abstract(LanguageModel, ModelConfig.from_dict(d))
+  return [(jax.tree_util.keystr(p), x.shape, x.dtype)
+          for p, x in jax.tree_util.tree_leaves_with_path(abs_params)]
+
+
+def check_init_shape(config, stage: str, init: str) -> None:
+  """A stage-name `init` must have the shape of the model `stage` trains.
+
+  Only `config.rm_model` makes them differ: the pretrain and SFT exports have
+  `config.model`'s shape, the RM export `config.rm_model`'s. Needs no data
+  layer: `rm_model_config` checks the vocabulary sizes.
+  """
+  if "rm_model" not in config or init not in ("pretrain", "sft", "rm"):
+    return
+  want = "rm_model" if stage == "rm" else "model"
+  have = "rm_model" if init == "rm" else "model"
+  if want == have:
+    return
+  lm, rm = dict(config.model), dict(config.rm_model)
+  lm["vocab_size"] = lm["vocab_size"] or rm["vocab_size"] or 1
+  rm["vocab_size"] = rm["vocab_size"] or lm["vocab_size"]
+  if _param_shapes(lm) != _param_shapes(rm):
+    raise common.ConfigError(
+        f"config.{stage}.init={init!r}: that export has config.{have}'s shape, "
+        f"but {stage} trains config.{want}'s; set config.{stage}.init to a "
+        f"params path of that shape, or 'none'")
+
+
+def check_seq_len(stage: str, seq_len: int, cfg: ModelConfig,
+                  key: str = "model") -> None:
   if seq_len > cfg.max_len:
     raise common.ConfigError(f"config.{stage}.seq_len={seq_len} exceeds "
-                             f"config.model.max_len={cfg.max_len}")
+                             f"config.{key}.max_len={cfg.max_len}")
 
 
 def data_args(config) -> dict:
@@ -56,10 +105,12 @@ def _iterator(config, kind, spec, split, batch_size, seq_len, seed, **kw):
                                 split=split, seed=seed, **data_args(config), **kw)
 
 
-def _init_params(config, workdir, init: str, model_cls, cfg: ModelConfig, mesh):
+def _init_params(config, workdir, stage: str, model_cls, cfg: ModelConfig, mesh):
   """Params from a finished stage ("pretrain", "sft"), a path, or "none"."""
+  init = config[stage].init
   if init in ("", "none"):
     return None
+  check_init_shape(config, stage, init)
   graphdef, abs_params = abstract(model_cls, cfg)
   shardings = mesh_lib.state_shardings(abs_params, mesh)
   if init in ("pretrain", "sft", "rm"):
@@ -85,8 +136,8 @@ def transplant_backbone(src_params, model_cls, cfg, mesh, seed: int = 0):
     fresh = nnx.split(model_cls(cfg, nnx.Rngs(key)))[1]
     fresh["backbone"] = src["backbone"]
     return fresh
-  with jax.set_mesh(mesh):
-    return jax.jit(build, out_shardings=shardings)(src_params, jax.random.key(seed))
+  return common.mesh_jit(build, mesh, out_shardings=shardings)(
+      src_params, jax.random.key(seed))
 
 
 def _batch_eval(eval_step, params, it, mesh, max_batches=None) -> dict:
@@ -110,12 +161,7 @@ def _lm_eval_step(graphdef, mesh):
   def fn(params, batch):
     _, m = loss_fn(params, batch, None)
     return {"loss": m["loss"], "accuracy": m["accuracy"], "weight": m["num_tokens"]}
-  jitted = jax.jit(fn)
-
-  def run(params, batch):
-    with jax.set_mesh(mesh):
-      return jitted(params, batch)
-  return run
+  return common.mesh_jit(fn, mesh)
 
 
 def run_lm_stage(config, workdir: str, stage: str, mesh) -> dict:
@@ -136,12 +182,12 @@ def run_lm_stage(config, workdir: str, stage: str, mesh) -> dict:
   if stage == "sft" and sc.ptx_frac > 0:
     extra = sft_extras.ptx_rows(sc.batch_size, sc.ptx_frac,
                                 mesh_lib.batch_size_multiple(mesh))
-    train_it = sft_extras.MixedBatches(train_it, _iterator(
+    train_it = sft_extras.mixed_batches(train_it, _iterator(
         config, "lm", sc.ptx_data, "train", extra, sc.seq_len, config.seed + 1))
     rows += extra
   tx = steps.make_optimizer(sc.lr, num_steps, sc.warmup_steps,
                             weight_decay=sc.weight_decay)
-  init = _init_params(config, workdir, sc.init, LanguageModel, cfg, mesh)
+  init = _init_params(config, workdir, stage, LanguageModel, cfg, mesh)
   graphdef, state, shardings = steps.create_train_state(
       LanguageModel, cfg, tx, mesh, config.seed, params=init)
   step_fn = functools.partial(steps.train_step, loss_fn=steps.lm_loss_fn(graphdef),
@@ -152,7 +198,7 @@ def run_lm_stage(config, workdir: str, stage: str, mesh) -> dict:
   val_it = _iterator(config, kind, sc.data, "validation", sc.batch_size,
                      sc.seq_len, config.seed, infinite=False)
 
-  select = _rm_selection(config, workdir, stage, graphdef, shardings, cfg, mesh)
+  select = _rm_selection(config, workdir, stage, graphdef, shardings, mesh)
 
   def eval_fn(params):
     m = _batch_eval(eval_step, params, val_it, mesh, sc.eval_batches)
@@ -173,13 +219,13 @@ def run_lm_stage(config, workdir: str, stage: str, mesh) -> dict:
   return info
 
 
-def _rm_selection(config, workdir, stage, graphdef, shardings, cfg, mesh):
+def _rm_selection(config, workdir, stage, graphdef, shardings, mesh):
   """With `sft.select_rm` set (a finished "rm" stage or a params path), the
   kept SFT checkpoint is the best by RM score on validation prompts."""
   if stage != "sft" or not config.sft.select_rm:
     return None
   from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
-  g_rm, abs_rm = abstract(ScalarModel, cfg)
+  g_rm, abs_rm = abstract(ScalarModel, rm_model_config(config))
   sh_rm = mesh_lib.state_shardings(abs_rm, mesh)
   src = config.sft.select_rm
   rm = (common.load_export(workdir, "rm", abs_rm, sh_rm) if src == "rm"
@@ -196,12 +242,7 @@ def _rm_eval_step(graphdef, mesh):
     scores = steps.rm_scores(graphdef, params, batch)
     _, m = losses.ranking_loss(scores, batch["ranks"], batch["valid"])
     return {"loss": m["loss"], "accuracy": m["accuracy"], "weight": m["num_pairs"]}
-  jitted = jax.jit(fn)
-
-  def run(params, batch):
-    with jax.set_mesh(mesh):
-      return jitted(params, batch)
-  return run
+  return common.mesh_jit(fn, mesh)
 
 
 def demo_score_mean(config, graphdef, params, mesh, seq_len) -> float:
@@ -223,12 +264,8 @@ def demo_score_mean(config, graphdef, params, mesh, seq_len) -> float:
     real = jnp.any(seg > 0, axis=1)
     return {"score": jnp.sum(jnp.where(real, r, 0.0)) / jnp.maximum(jnp.sum(real), 1),
             "weight": jnp.sum(real)}
-  jitted = jax.jit(fn)
-
-  def run(p, batch):
-    with jax.set_mesh(mesh):
-      return jitted(p, batch)
-  return _batch_eval(run, params, it, mesh, sc.demo_batches)["score"]
+  return _batch_eval(common.mesh_jit(fn, mesh), params, it, mesh,
+                     sc.demo_batches)["score"]
 
 
 def run_rm_stage(config, workdir: str, mesh) -> dict:
@@ -242,17 +279,23 @@ def run_rm_stage(config, workdir: str, mesh) -> dict:
   from instructrl.data import labelers  # pylint: disable=g-import-not-at-top
   sc = config.rm
   t0 = time.monotonic()
-  cfg = model_config(config, dropout=sc.dropout)
+  cfg = rm_model_config(config, dropout=sc.dropout)
   mesh_lib.check_batch_divides(sc.batch_size, mesh, "rm.batch_size")
-  check_seq_len("rm", sc.seq_len, cfg)
+  check_seq_len("rm", sc.seq_len, cfg, rm_key(config))
   held = sc.heldout_group
   train_groups = [g for g in range(labelers.NUM_GROUPS) if g != held]
-  it = _iterator(config, "rm", sc.data, "train", sc.batch_size, sc.seq_len,
+  spec, sampled = sc.data, {}
+  if sc.get("candidates", "world") == "sft":
+    from instructrl.train import rm_data  # pylint: disable=g-import-not-at-top
+    sampled = {s: rm_data.build(config, workdir, mesh, s) for s in ("train", "validation")}
+    print(f"[rm] labelled SFT samples: {sampled}")
+    spec = rm_data.data_spec(workdir)
+  it = _iterator(config, "rm", spec, "train", sc.batch_size, sc.seq_len,
                  config.seed, groups=train_groups if held >= 0 else None)
   num_steps = int(np.ceil(sc.epochs * it.batches_per_epoch))
   tx = steps.make_optimizer(sc.lr, num_steps, sc.warmup_steps,
                             weight_decay=sc.weight_decay)
-  init = _init_params(config, workdir, sc.init, ScalarModel, cfg, mesh)
+  init = _init_params(config, workdir, "rm", ScalarModel, cfg, mesh)
   graphdef, state, shardings = steps.create_train_state(
       ScalarModel, cfg, tx, mesh, config.seed, params=init)
   step_fn = functools.partial(steps.train_step, loss_fn=steps.rm_loss_fn(graphdef),
@@ -263,7 +306,7 @@ def run_rm_stage(config, workdir: str, mesh) -> dict:
   run = steps.jit_step(step_fn, shardings, mesh, ndims)
   eval_step = _rm_eval_step(graphdef, mesh)
 
-  val = {name: _iterator(config, "rm", sc.data, "validation", sc.batch_size,
+  val = {name: _iterator(config, "rm", spec, "validation", sc.batch_size,
                          sc.seq_len, config.seed, infinite=False, groups=groups)
          for name, groups in (("", train_groups), ("heldout_group_", [held]))
          if groups != [-1]}
@@ -285,6 +328,7 @@ def run_rm_stage(config, workdir: str, mesh) -> dict:
   best["bias"].set_value(best["bias"].get_value() - mean)
   info = {"stage": "rm", "steps": summary["steps"], "best": summary["best"],
           "final": summary["last"], "demo_mean_before_bias": mean,
-          "heldout_group": held, "wall_s": time.monotonic() - t0}
+          "heldout_group": held, "sampled_data": sampled,
+          "wall_s": time.monotonic() - t0}
   common.export(workdir, "rm", best, info)
   return info

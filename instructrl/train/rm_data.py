@@ -1,0 +1,117 @@
+"""On-policy comparison data: simulated labelers rank the SFT model's samples.
+
+The paper's labelers ranked K outputs *of the models being trained* for each
+prompt (Sections 3.4-3.5), not hand-made variants of a reference. That
+matters: a reward model only guides PPO where it has seen the policy's own
+kind of output. With `config.rm.candidates = "sft"` the RM stage first draws
+K in [k_min, k_max] temperature-1 samples from the SFT export for each RM
+prompt, has a labeler of a random group rank them (equal utilities under
+that labeler's preferences are marked as ties, which Eq. 1 drops, as the
+paper's ranking interface allowed), and writes the comparisons as JSONL that
+the ordinary "jsonl:" data path then trains on. Prompts whose samples are
+all tied, or have fewer than k_min distinct answers, are topped up with the
+world's hand-made candidates so every prompt still yields pairs.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from instructrl import mesh as mesh_lib
+from instructrl.model import LanguageModel
+from instructrl.model.sharded import abstract
+from instructrl.sampling import SampleConfig, make_sampler
+from instructrl.train import common
+
+
+def data_spec(workdir: str) -> str:
+  """The jsonl spec of the sampled comparisons ({split} is filled per split)."""
+  return "jsonl:" + os.path.join(common.stage_dir(workdir, "rm"), "data",
+                                 "comparisons_{split}.jsonl")
+
+
+def tied_ranks(u: np.ndarray, rng: np.random.Generator, temperature: float) -> list[int]:
+  """A Plackett-Luce ranking in which equal utilities share one rank."""
+  from instructrl.data import labelers  # pylint: disable=g-import-not-at-top
+  ranks = np.asarray(labelers.rank_utilities(u, rng, temperature))
+  for value in np.unique(u):
+    same = u == value
+    if same.sum() > 1:
+      ranks[same] = ranks[same].min()
+  return ranks.tolist()
+
+
+def _samples(config, workdir, mesh, texts, n_per_prompt):
+  """Decoded temperature-1 SFT samples: n_per_prompt[i] answers to texts[i]."""
+  from instructrl.data import EOS_ID, pipeline  # pylint: disable=g-import-not-at-top
+  from instructrl.data import common as dcommon  # pylint: disable=g-import-not-at-top
+  from instructrl.train.stages import model_config  # pylint: disable=g-import-not-at-top
+  sc = config.rm
+  cfg = model_config(config)
+  g, abs_lm = abstract(LanguageModel, cfg)
+  sh = mesh_lib.state_shardings(abs_lm, mesh)
+  params = common.load_export(workdir, "sft", abs_lm, sh)
+  sampler = make_sampler(g, sh, SampleConfig(sc.sample_new_tokens, sc.sample_temperature,
+                                             eos_id=EOS_ID), mesh)
+  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+  owner = np.repeat(np.arange(len(texts)), n_per_prompt)
+  records = [dcommon.PromptRecord(texts[i], f"rm-sample:{j}") for j, i in enumerate(owner)]
+  it = pipeline.iterator_from_records("prompts", records, batch_size=sc.sample_batch_size,
+                                      seq_len=config.ppo.prompt_len, vocab=vocab,
+                                      infinite=False)
+  out = [[] for _ in texts]
+  j = 0
+  for b, batch in enumerate(it):
+    x = mesh_lib.put_batch(batch, mesh)
+    res = sampler(params, x["prompt_tokens"], x["prompt_mask"],
+                  jax.random.key(config.seed * 7919 + b))
+    resp, mask = np.asarray(res.response), np.asarray(res.response_mask)
+    for r, real in enumerate(np.asarray(batch["prompt_mask"]).any(axis=1)):
+      if real and j < len(owner):
+        ids = [int(t) for t, m in zip(resp[r], mask[r]) if m and t != EOS_ID]
+        out[owner[j]].append(vocab.decode(ids).strip())
+        j += 1
+  return out
+
+
+def build(config, workdir: str, mesh, split: str) -> dict:
+  """Samples, labels and writes one split's comparisons; returns counts."""
+  from instructrl.data import labelers, world  # pylint: disable=g-import-not-at-top
+  path = data_spec(workdir)[len("jsonl:"):].format(split=split)
+  if os.path.exists(path):
+    return {"reused": path}
+  wc = world.WorldConfig.from_dict(dict(config.data.world))
+  prompts = world.get_world(wc).prompts("rm", split)
+  rng = np.random.default_rng([config.seed, 0x524d, ("train", "validation", "test").index(split)])
+  ks = rng.integers(wc.k_min, wc.k_max + 1, size=len(prompts))
+  samples = _samples(config, workdir, mesh, [p.text for p in prompts], ks)
+  rows, topped, agree, pairs = [], 0, 0, 0
+  for p, k, got in zip(prompts, ks, samples):
+    cands = list(dict.fromkeys(s for s in got if s))
+    group = int(rng.integers(labelers.NUM_GROUPS))
+    prefs = labelers.GROUPS[group].prefs
+    u = labelers.utilities(p, cands, prefs)
+    if len(cands) < wc.k_min or len(np.unique(u)) < 2:
+      topped += 1
+      extra = [c for c in world.candidate_responses(p, int(k), rng) if c not in cands]
+      cands = (cands + extra)[:max(int(k), len(cands))]
+      u = labelers.utilities(p, cands, prefs)
+      if len(np.unique(u)) < 2:
+        continue
+    ranks = tied_ranks(u, rng, labelers.TEMPERATURE)
+    # A second labeler of the same group: how noisy are these labels?
+    a, n = labelers.pair_agreement(np.asarray(ranks), np.asarray(
+        tied_ranks(u, rng, labelers.TEMPERATURE)))
+    agree, pairs = agree + a, pairs + n
+    rows.append({"prompt": p.text, "completions": cands, "ranks": ranks, "group": group})
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, path)  # Atomic: a killed run never leaves half a file.
+  return {"prompts": len(prompts), "comparisons": len(rows), "topped_up": topped,
+          "mean_k": float(np.mean([len(r["completions"]) for r in rows])),
+          "labeler_agreement": agree / max(pairs, 1)}
