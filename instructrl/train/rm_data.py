@@ -95,9 +95,12 @@ def build(config, workdir: str, mesh, split: str) -> dict:
     prefs = labelers.GROUPS[group].prefs
     u = labelers.utilities(p, cands, prefs)
     if len(cands) < wc.k_min or len(np.unique(u)) < 2:
+      # Half the samples stay; the world's candidates (usually the reference
+      # and near misses) fill the rest, so the prompt still teaches the RM.
       topped += 1
-      extra = [c for c in world.candidate_responses(p, int(k), rng) if c not in cands]
-      cands = (cands + extra)[:max(int(k), len(cands))]
+      keep = cands[:int(k) // 2]
+      extra = [c for c in world.candidate_responses(p, int(k), rng) if c not in keep]
+      cands = (keep + extra)[:int(k)]
       u = labelers.utilities(p, cands, prefs)
       if len(np.unique(u)) < 2:
         continue
