@@ -100,8 +100,29 @@ class Attention(nnx.Module):
       y = y + b[...].astype(x.dtype)
     return y
 
+  def _cached_attention(self, q, k, v, mask, kv, cache_index):
+    """Attention over the KV cache, kept heads-major: [B, K, S, H].
+
+    Only the T new rows are written (in place inside the decode loop), and
+    the scores read the cache in the layout it is stored in: the
+    dot_product_attention path would transpose the whole cache to [B,S,K,H]
+    (a copy per token), which made decoding memory-bound on the copies.
+    """
+    cfg = self.cfg
+    put = lambda c, x: jax.lax.dynamic_update_slice(
+        c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+    ck, cv = put(kv["k"], k), put(kv["v"], v)
+    b, t, n, h = q.shape
+    qg = q.reshape(b, t, cfg.kv_heads, n // cfg.kv_heads, h)  # Query groups (GQA).
+    s = jnp.einsum("btkgh,bksh->bkgts", qg, ck.astype(q.dtype),
+                   preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", p, cv.astype(q.dtype)).reshape(b, t, n, h)
+    return out, {"k": ck, "v": cv}
+
   def __call__(self, x, positions, mask, kv=None, cache_index=None):
-    """x: [B,T,D]; mask: bool [B,1,T,S]; kv: {"k","v"} [B,S,K,H] or None."""
+    """x: [B,T,D]; mask: bool [B,1,T,S]; kv: {"k","v"} [B,K,S,H] or None."""
     cfg = self.cfg
     gpt = cfg.style == "gpt"
     q = self._proj(x, self.wq, self.bq if gpt else None)
@@ -110,18 +131,14 @@ class Attention(nnx.Module):
     if not gpt:
       q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     q = constrain(q, ("act_batch", "act_len", "act_heads", None))
-    new_kv = None
     if kv is not None:
-      # Write this chunk into the preallocated cache, then attend over all of it.
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
-      v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
-      new_kv = {"k": k, "v": v}
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    k = constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
-    v = constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                       implementation=cfg.attention_impl)
+      out, new_kv = self._cached_attention(q, k, v, mask, kv, cache_index)
+    else:
+      new_kv = None
+      k = constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
+      v = constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask,
+                                         implementation=cfg.attention_impl)
     out = constrain(out, ("act_batch", "act_len", "act_heads", None))
     y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(out.dtype))
     if gpt:

@@ -7,9 +7,12 @@ same per-layer keys, so they hold identical numbers.
 
 The KV cache is a plain pytree threaded through the call, not module state,
 so the sampler's decode loop stays a pure `lax.while_loop`:
-  cache = {"k", "v": [L, B, S, K, H], "valid": bool [B, S]}
+  cache = {"k", "v": L arrays [B, K, S, H] (one stacked [L, B, K, S, H] array
+           with scan_layers), "valid": bool [B, S]}
 and `cache_index` is the slot where the current chunk is written (prompts are
-left-padded, so every row writes at the same slot).
+left-padded, so every row writes at the same slot). One buffer per layer lets
+each decode step update its rows in place; a stacked array would be sliced
+and re-stacked, i.e. copied whole, every token (scan_layers still does).
 """
 from __future__ import annotations
 
@@ -126,11 +129,12 @@ class Transformer(nnx.Module):
       outs = []
       for i, layer in enumerate(self.layers):
         graphdef, state = nnx.split(layer)
-        kv = None if kvs is None else jax.tree.map(lambda a, i=i: a[i], kvs)
+        kv = None if kvs is None else {"k": kvs["k"][i], "v": kvs["v"][i]}
         key = None if layer_keys is None else layer_keys[i]
         x, new_kv = block(graphdef, state, x, positions, mask, kv, cache_index, key)
         outs.append(new_kv)
-      new_kvs = None if kvs is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+      new_kvs = None if kvs is None else {
+          "k": tuple(o["k"] for o in outs), "v": tuple(o["v"] for o in outs)}
     x = self.final_norm(x)
     new_cache = None
     if cache is not None:
@@ -141,9 +145,12 @@ class Transformer(nnx.Module):
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype=None):
   """An empty KV cache for `length` slots."""
   dtype = dtype or cfg.compute_dtype
-  shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.dim_per_head)
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-          "valid": jnp.zeros((batch, length), bool)}
+  shape = (batch, cfg.kv_heads, length, cfg.dim_per_head)
+  if cfg.scan_layers:
+    kv = lambda: jnp.zeros((cfg.num_layers,) + shape, dtype)
+  else:
+    kv = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+  return {"k": kv(), "v": kv(), "valid": jnp.zeros((batch, length), bool)}
 
 
 class LanguageModel(nnx.Module):
