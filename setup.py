@@ -35,6 +35,8 @@ setup(
         # Parity tests against transformers (tests/test_hf.py). torch is pinned
         # to the CPU build these machines carry on disk (no multi-GB download).
         "hf-test": ["tokenizers", "transformers", "safetensors", "torch==2.13.0"],
+        # bench/ compares against PyTorch and HF generate (python -m bench.run).
+        "bench": ["torch==2.13.0", "transformers"],
         "dev": ["pytest", "pytest-xdist", "matplotlib", "nbclient", "nbformat",
                 "ipykernel"],
     },
