@@ -1,13 +1,13 @@
 """GPT-3 shapes and the paper's hyperparameters, shared by the full-size configs.
 
 Not an experiment itself (no `get_config`): `sft_*.py`, `rm_6b.py` and
-`ppo_ptx_*.py` load this file by path, because ml_collections loads a config
-file by path and the `configs/` folder is no package. Each states only what
-is its own (size, TPU slice, mesh, remat) and calls one of `sft_config`,
-`rm_config` or `ppo_ptx_config`:
+`ppo_ptx_*.py` load this file by path (`instructrl.config_files.sibling`),
+because ml_collections loads a config file by path and the `configs/` folder
+is no package. Each states only what is its own (size, TPU slice, mesh,
+remat) and calls one of `sft_config`, `rm_config` or `ppo_ptx_config`:
 
-    return _load_helper().sft_config("1p3b", arg, topology="v5p:2x2x2",
-                                     mesh=dict(fsdp=8))
+    return config_files.sibling(__file__, "gpt3_shapes.py").sft_config(
+        "1p3b", arg, topology="v5p:2x2x2", mesh=dict(fsdp=8))
 
 Every config starts from `configs/default.py` (its full key structure, so the
 training code finds every key it reads) and overrides the model, the stages
@@ -24,10 +24,9 @@ Vocabulary: GPT-3's BPE has 50257 ids; the model pads it to 50304 = 393 * 128
 so the embedding and the logits split evenly over the tensor axis (and fill
 TPU lanes). Ids >= 50257 are never produced by the tokenizer.
 """
-import importlib.util
-import os
-
 import ml_collections as mlc
+
+from instructrl import config_files
 
 VOCAB = 50304  # 50257 padded up to a multiple of 128.
 CONTEXT = 2048
@@ -58,11 +57,7 @@ CKPT = "/mnt/instructrl/ckpt"
 
 
 def _load_default():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.py")
-  spec = importlib.util.spec_from_file_location("instructrl_config_default", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_files.sibling(__file__, "default.py")
 
 
 def model(size: str) -> mlc.ConfigDict:

@@ -12,21 +12,11 @@ A PPO run reads the `sft` and `rm` exports of its workdir: run
 sft_1p3b.py and rm_6b.py into the same DIR first (also with :runlocal).
 Variants: `runlocal` (a tiny model on the CPU, seconds).
 """
-import importlib.util
-import os
-
-
-def _load_helper():
-  """configs/gpt3_shapes.py, loaded by path (configs/ is no package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt3_shapes.py")
-  spec = importlib.util.spec_from_file_location("instructrl_gpt3_shapes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from instructrl import config_files
 
 
 def get_config(arg: str = ""):
-  return _load_helper().ppo_ptx_config(
+  return config_files.sibling(__file__, "gpt3_shapes.py").ppo_ptx_config(
       "1p3b", arg, topology="v5p:2x4x4", mesh=dict(fsdp=32),
       # The learner's 14 GiB per chip with full remat leaves room to keep the
       # weight matmuls' outputs of both the policy and the value model.

@@ -10,19 +10,9 @@ unstable); its export also initialises the PPO value model. Target: v5p-64
 sequences per chip.
 Variants: `runlocal` (a tiny model on the CPU, seconds).
 """
-import importlib.util
-import os
-
-
-def _load_helper():
-  """configs/gpt3_shapes.py, loaded by path (configs/ is no package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt3_shapes.py")
-  spec = importlib.util.spec_from_file_location("instructrl_gpt3_shapes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from instructrl import config_files
 
 
 def get_config(arg: str = ""):
-  return _load_helper().rm_config(arg, topology="v5p:2x4x4",
-                                  mesh=dict(fsdp=32))
+  return config_files.sibling(__file__, "gpt3_shapes.py").rm_config(
+      arg, topology="v5p:2x4x4", mesh=dict(fsdp=32))

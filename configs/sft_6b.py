@@ -8,20 +8,10 @@ Target: v5p-64 (32 chips, 8 hosts), FSDP over the 32 chips: batch 32 is one
 row of 2048 tokens per chip.
 Variants: `runlocal` (a tiny model on the CPU, seconds).
 """
-import importlib.util
-import os
-
-
-def _load_helper():
-  """configs/gpt3_shapes.py, loaded by path (configs/ is no package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpt3_shapes.py")
-  spec = importlib.util.spec_from_file_location("instructrl_gpt3_shapes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from instructrl import config_files
 
 
 def get_config(arg: str = ""):
-  return _load_helper().sft_config(
+  return config_files.sibling(__file__, "gpt3_shapes.py").sft_config(
       "6b", arg, topology="v5p:2x4x4", mesh=dict(fsdp=32),
       remat="dots_with_no_batch_dims_saveable")

@@ -7,7 +7,6 @@ against the parameter count and the sharding.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import pathlib
@@ -15,6 +14,7 @@ import pathlib
 import jax
 import pytest
 
+from instructrl import config_files
 from instructrl import aot
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel, ModelConfig
@@ -27,11 +27,7 @@ PARAMS = {"1p3b": 1.3e9, "6b": 6.7e9, "175b": 175e9}
 
 
 def load(name: str, arg: str = ""):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}",
-                                                ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_files.get_config(ROOT / "configs" / f"{name}.py", arg)
 
 
 def key_paths(d, prefix="") -> set[str]:

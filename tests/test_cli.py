@@ -7,7 +7,6 @@ file it had. Each case runs `python -m instructrl.main` in a subprocess.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import pathlib
 import re
@@ -20,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from instructrl import config_files
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel
 from instructrl.model.sharded import abstract
@@ -35,11 +35,7 @@ _PROGRESS = re.compile(r"^\w+ \d+/\d+ \(")  # metrics.Progress lines.
 
 
 def load_config(variant: str = "tiny"):
-  spec = importlib.util.spec_from_file_location(
-      "instructrl_default_config", ROOT / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return config_files.get_config(ROOT / "configs" / "default.py", variant)
 
 
 def run_cli(workdir, *args, devices: int = 8) -> subprocess.CompletedProcess:

@@ -9,7 +9,6 @@ batch assembly and the cooperative orbax checkpoints included.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -19,6 +18,7 @@ import sys
 
 import pytest
 
+from instructrl import config_files
 from instructrl import distributed
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,11 +101,7 @@ def _losses(workdir) -> dict[int, float]:
 def _run_in_this_process(workdir) -> None:
   """The reference: one process with this test process's 8 CPU devices."""
   from instructrl.train import pipeline  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("default_config",
-                                                ROOT / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = config_files.get_config(ROOT / "configs" / "default.py", "tiny")
   config.stage = "pretrain"
   config.pretrain.update(STAGE)
   pipeline.run(config, str(workdir))

@@ -34,15 +34,13 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 # kernels) and the persistent compilation cache, neither of which this test
 # process (8 fake devices) should change for its other tests.
 _BUILD_BASE = """
-import importlib.util, os, sys
-spec = importlib.util.spec_from_file_location(
-    "default_config", os.path.join(sys.argv[1], "configs", "default.py"))
-default = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(default)
+import os, sys
+from instructrl import config_files
 from instructrl.train import common, pipeline
 for stage in ("pretrain", "sft", "rm"):
   if not common.is_done(sys.argv[2], stage):
-    c = default.get_config("tiny")
+    c = config_files.get_config(os.path.join(sys.argv[1], "configs", "default.py"),
+                                "tiny")
     c.stage = stage
     pipeline.run(c, sys.argv[2])
 """

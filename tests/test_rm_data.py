@@ -8,7 +8,6 @@ trains on it.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from instructrl import config_files
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel
 from instructrl.train import common
@@ -27,11 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(**overrides):
-  spec = importlib.util.spec_from_file_location("instructrl_default_config",
-                                                ROOT / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = config_files.get_config(ROOT / "configs" / "default.py", "tiny")
   config.update_from_flattened_dict({
       "model.num_layers": 1, "rm.candidates": "sft", "rm.init": "sft",
       "rm.sample_new_tokens": 8, "rm.sample_batch_size": 16, "rm.demo_batches": 1,

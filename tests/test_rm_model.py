@@ -8,7 +8,6 @@ for speed.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -20,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from instructrl import config_files
 from instructrl.model import LanguageModel, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.train import common
@@ -37,11 +37,7 @@ OVERRIDES = {
 
 
 def load_config(stage: str, **overrides):
-  spec = importlib.util.spec_from_file_location(
-      "instructrl_default_config", ROOT / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = config_files.get_config(ROOT / "configs" / "default.py", "tiny")
   config.update_from_flattened_dict({**OVERRIDES, "stage": stage, **overrides})
   config.rm_model = mlc.ConfigDict(dict(config.model, d_model=48))
   return config

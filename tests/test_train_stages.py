@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import importlib.util
 import json
 import os
 import pathlib
@@ -30,6 +29,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
+from instructrl import config_files
 from instructrl import metrics as metrics_lib
 from instructrl.train import common
 from instructrl.train import pipeline
@@ -54,11 +54,7 @@ CURVE_KEYS = ("loss", "accuracy", "grad_norm", "val_loss", "val_accuracy")
 
 def load_config(overrides: dict):
   """configs/default.py:tiny with dotted-key overrides, as the CLI builds it."""
-  spec = importlib.util.spec_from_file_location(
-      "instructrl_default_config", ROOT / "configs" / "default.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("tiny")
+  config = config_files.get_config(ROOT / "configs" / "default.py", "tiny")
   config.update_from_flattened_dict(overrides)
   return config
 

@@ -23,6 +23,7 @@ from instructrl import rollout as rollout_lib
 from instructrl.model import LanguageModel, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.sampling import SampleConfig, make_sampler
+from instructrl.train import answers as answers_lib
 from instructrl.train import common
 from instructrl.train.stages import (_batch_eval, _iterator, _lm_eval_step,
                                      model_config, rm_key, rm_model_config)
@@ -32,25 +33,14 @@ MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("ppo_ptx", "ppo
 
 def _fewshot_prefix(config, n: int) -> str:
   from instructrl.data import world  # pylint: disable=g-import-not-at-top
-  demos = world.get_world(world.WorldConfig.from_dict(dict(config.data.world))).demos(
-      "train")
+  w = world.get_world(world.WorldConfig.from_dict(dict(config.data.world)))
   # One demonstration per family when possible, so every task is shown.
   seen, picked = set(), []
-  for d, p in zip(demos, world.get_world(world.WorldConfig.from_dict(
-      dict(config.data.world))).prompts("sft", "train")):
+  for d, p in zip(w.demos("train"), w.prompts("sft", "train")):
     if p.family not in seen and len(picked) < n:
       seen.add(p.family)
       picked.append(f"{d.prompt} {d.completion}\n\n")
   return "".join(picked)
-
-
-def _prompt_batches(config, texts, seq_len, batch_size):
-  from instructrl.data import common as dcommon  # pylint: disable=g-import-not-at-top
-  from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
-  records = [dcommon.PromptRecord(t, f"test:{i}") for i, t in enumerate(texts)]
-  return pipeline.iterator_from_records(
-      "prompts", records, batch_size=batch_size, seq_len=seq_len,
-      vocab=config.data.vocab, infinite=False)
 
 
 def _programs(config, g_lm, sh_lm, g_rm, mesh) -> dict:
@@ -69,9 +59,9 @@ def _programs(config, g_lm, sh_lm, g_rm, mesh) -> dict:
 
 def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
   """Greedy answers (decoded), their RM scores, and the sampled KL to SFT."""
-  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
   answers, scores, kls = [], [], []
-  it = _prompt_batches(config, texts, seq_len, config.eval.batch_size)
+  it = answers_lib.prompt_batches(texts, vocab=vocab, seq_len=seq_len,
+                                  batch_size=config.eval.batch_size, tag="test")
   for i, batch in enumerate(it):
     b = mesh_lib.put_batch(batch, mesh)
     prompt = (b["prompt_tokens"], b["prompt_mask"])
@@ -83,11 +73,7 @@ def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
     ref_lp = progs["ref_logp"](sft, smp.tokens, sm, smp.response)
     kl = jnp.sum(jnp.where(smp.response_mask, smp.logp_raw - ref_lp, 0.0), axis=1)
     real = np.asarray(batch["prompt_mask"]).any(axis=1)
-    resp, mask = np.asarray(out.response), np.asarray(out.response_mask)
-    for r in range(len(real)):
-      if real[r]:
-        ids = [int(t) for t, m in zip(resp[r], mask[r]) if m and t != EOS_ID]
-        answers.append(vocab.decode(ids))
+    answers.extend(answers_lib.decode(vocab, batch, out))
     scores.extend(np.asarray(s)[real].tolist())
     kls.extend(np.asarray(kl)[real].tolist())
   return answers[:len(texts)], float(np.mean(scores)), float(np.mean(kls))

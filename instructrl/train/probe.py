@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 from absl import app
 from absl import flags
@@ -21,6 +20,7 @@ from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel
 from instructrl.model.sharded import abstract
 from instructrl.sampling import SampleConfig, make_sampler
+from instructrl.train import answers
 from instructrl.train import common
 from instructrl.train.stages import model_config
 
@@ -35,23 +35,12 @@ _NUM = flags.DEFINE_integer("num_prompts", 300, "At most this many prompts.")
 
 def greedy_answers(config, graphdef, shardings, params, texts, mesh) -> list[str]:
   from instructrl.data import EOS_ID, pipeline  # pylint: disable=g-import-not-at-top
-  from instructrl.data import common as dcommon  # pylint: disable=g-import-not-at-top
   sampler = make_sampler(graphdef, shardings, SampleConfig(
       config.eval.max_new_tokens, 0.0, eos_id=EOS_ID), mesh)
   vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
-  records = [dcommon.PromptRecord(t, f"probe:{i}") for i, t in enumerate(texts)]
-  answers = []
-  for batch in pipeline.iterator_from_records(
-      "prompts", records, batch_size=config.eval.batch_size,
-      seq_len=config.ppo.prompt_len, vocab=vocab, infinite=False):
-    x = mesh_lib.put_batch(batch, mesh)
-    out = sampler(params, x["prompt_tokens"], x["prompt_mask"], jax.random.key(0))
-    resp, mask = np.asarray(out.response), np.asarray(out.response_mask)
-    for r, real in enumerate(np.asarray(batch["prompt_mask"]).any(axis=1)):
-      if real:
-        answers.append(vocab.decode([int(t) for t, m in zip(resp[r], mask[r])
-                                     if m and t != EOS_ID]))
-  return answers[:len(texts)]
+  return answers.generate(sampler, params, texts, mesh, vocab=vocab,
+                          seq_len=config.ppo.prompt_len,
+                          batch_size=config.eval.batch_size, tag="probe")
 
 
 def main(_):

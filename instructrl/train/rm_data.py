@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import numpy as np
 
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel
 from instructrl.model.sharded import abstract
 from instructrl.sampling import SampleConfig, make_sampler
+from instructrl.train import answers
 from instructrl.train import common
 
 
@@ -47,7 +47,6 @@ def tied_ranks(u: np.ndarray, rng: np.random.Generator, temperature: float) -> l
 def _samples(config, workdir, mesh, texts, n_per_prompt):
   """Decoded temperature-1 SFT samples: n_per_prompt[i] answers to texts[i]."""
   from instructrl.data import EOS_ID, pipeline  # pylint: disable=g-import-not-at-top
-  from instructrl.data import common as dcommon  # pylint: disable=g-import-not-at-top
   from instructrl.train.stages import model_config  # pylint: disable=g-import-not-at-top
   sc = config.rm
   cfg = model_config(config)
@@ -58,22 +57,13 @@ def _samples(config, workdir, mesh, texts, n_per_prompt):
                                              eos_id=EOS_ID), mesh)
   vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
   owner = np.repeat(np.arange(len(texts)), n_per_prompt)
-  records = [dcommon.PromptRecord(texts[i], f"rm-sample:{j}") for j, i in enumerate(owner)]
-  it = pipeline.iterator_from_records("prompts", records, batch_size=sc.sample_batch_size,
-                                      seq_len=config.ppo.prompt_len, vocab=vocab,
-                                      infinite=False)
+  flat = answers.generate(sampler, params, [texts[i] for i in owner], mesh, vocab=vocab,
+                          seq_len=config.ppo.prompt_len,
+                          batch_size=sc.sample_batch_size, seed=config.seed * 7919,
+                          tag="rm-sample")
   out = [[] for _ in texts]
-  j = 0
-  for b, batch in enumerate(it):
-    x = mesh_lib.put_batch(batch, mesh)
-    res = sampler(params, x["prompt_tokens"], x["prompt_mask"],
-                  jax.random.key(config.seed * 7919 + b))
-    resp, mask = np.asarray(res.response), np.asarray(res.response_mask)
-    for r, real in enumerate(np.asarray(batch["prompt_mask"]).any(axis=1)):
-      if real and j < len(owner):
-        ids = [int(t) for t, m in zip(resp[r], mask[r]) if m and t != EOS_ID]
-        out[owner[j]].append(vocab.decode(ids).strip())
-        j += 1
+  for i, a in zip(owner, flat):
+    out[i].append(a.strip())
   return out
 
 
