@@ -142,7 +142,7 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key,
 def _constrain_cache(cache):
   """Cache rows follow the batch sharding, cache heads the tensor axis."""
   kv_names = ("act_batch", "act_kv_heads", "act_len", None)
-  one = lambda a: mesh_lib.constrain(a, ((None,) if a.ndim == 5 else ()) + kv_names)
+  one = lambda a: mesh_lib.constrain(a, kv_names)
   return {"k": jax.tree.map(one, cache["k"]), "v": jax.tree.map(one, cache["v"]),
           "valid": mesh_lib.constrain(cache["valid"], ("act_batch", "act_len"))}
 
