@@ -426,3 +426,32 @@ def test_ppo_starts_from_sft_policy_and_rm_value(one_device):
       np.testing.assert_array_equal(got[k], want[k])
   # The RM's bias (demonstrations score 0) is part of what the value starts from.
   assert float(np.asarray(rm["bias"])) != 0.0
+
+
+def test_probe_best_of_n_on_the_tiny_workdir(one_device):
+  """Best-of-N over real samples: n=1 collapses every figure to the samples'
+  mean; with n=3 the oracle bounds the RM's pick and the samples' mean."""
+  from instructrl import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from instructrl.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  from instructrl.model import LanguageModel, ScalarModel  # pylint: disable=g-import-not-at-top
+  from instructrl.model.sharded import abstract  # pylint: disable=g-import-not-at-top
+  from instructrl.train import probe  # pylint: disable=g-import-not-at-top
+  from instructrl.train import stages  # pylint: disable=g-import-not-at-top
+  config = load_config({**OVERRIDES, **MESH1})
+  mesh = mesh_lib.make_mesh({}, jax.devices()[:1])
+  g_lm, abs_lm = abstract(LanguageModel, stages.model_config(config))
+  g_rm, abs_rm = abstract(ScalarModel, stages.rm_model_config(config))
+  sh = mesh_lib.state_shardings(abs_lm, mesh)
+  params = common.load_export(str(one_device), "sft", abs_lm, sh)
+  rm = common.load_export(str(one_device), "rm", abs_rm,
+                          mesh_lib.state_shardings(abs_rm, mesh))
+  prompts = data_pipeline.get_prompts("world", "validation",
+                                      world=dict(config.data.world))[:10]
+  one = probe.best_of_n(config, g_lm, sh, params, g_rm, rm, prompts, mesh, 1)
+  assert one["sample"] == one["oracle"] == one["by_rm"]
+  three = probe.best_of_n(config, g_lm, sh, params, g_rm, rm, prompts, mesh, 3)
+  assert three["oracle"] >= max(three["by_rm"], three["sample"])
+  again = probe.best_of_n(config, g_lm, sh, params, g_rm, rm, prompts, mesh, 3)
+  assert again == three or np.isnan(three["corr"]) and {
+      k: v for k, v in again.items() if k != "corr"} == {
+          k: v for k, v in three.items() if k != "corr"}

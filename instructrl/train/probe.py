@@ -5,7 +5,15 @@ pairwise judging): how good is this SFT (or PPO) model by itself, per
 instruction family?
 
   python -m instructrl.train.probe --workdir=W --stages=sft,ppo_ptx \
-      --split=validation [--config=configs/default.py ...overrides]
+      --split=validation [--best_of=16] [--config=configs/default.py ...overrides]
+
+`--best_of=N` also samples N answers per prompt at temperature 1 and
+reports the headroom RL has near this policy: mean gold utility of the
+samples, of the best sample by the gold judge (what a perfect reward model
+could pick, at a KL of about log N - (N-1)/N nats), and of the sample the
+trained RM ranks first, with the within-prompt correlation of RM scores and
+gold utility. Best-of-N at moderate N is a standard stand-in for what PPO
+against the same reward reaches at a similar KL.
 """
 from __future__ import annotations
 
@@ -16,13 +24,17 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+import jax
+import jax.numpy as jnp
+
 from instructrl import mesh as mesh_lib
-from instructrl.model import LanguageModel
+from instructrl import rollout as rollout_lib
+from instructrl.model import LanguageModel, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.sampling import SampleConfig, make_sampler
 from instructrl.train import answers
 from instructrl.train import common
-from instructrl.train.stages import model_config
+from instructrl.train.stages import model_config, rm_model_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "default.py"))
@@ -31,6 +43,7 @@ _STAGES = flags.DEFINE_list("stages", ["sft"], "Finished LM stages to probe.")
 _SPLIT = flags.DEFINE_enum("split", "validation", ["train", "validation", "test"],
                            "World split of the PPO prompts.")
 _NUM = flags.DEFINE_integer("num_prompts", 300, "At most this many prompts.")
+_BEST_OF = flags.DEFINE_integer("best_of", 0, "Also report best-of-N statistics.")
 
 
 def greedy_answers(config, graphdef, shardings, params, texts, mesh) -> list[str]:
@@ -41,6 +54,53 @@ def greedy_answers(config, graphdef, shardings, params, texts, mesh) -> list[str
   return answers.generate(sampler, params, texts, mesh, vocab=vocab,
                           seq_len=config.ppo.prompt_len,
                           batch_size=config.eval.batch_size, tag="probe")
+
+
+def selection_stats(utility, scores) -> dict:
+  """Best-of-N figures from gold utilities and RM scores, both [prompts, N].
+
+  `by_rm` takes each prompt's first sample of highest score; `corr` is the
+  mean Pearson correlation over prompts whose utilities and scores both vary
+  (NaN if none do).
+  """
+  u, r = np.asarray(utility, np.float64), np.asarray(scores, np.float64)
+  rows = np.arange(len(u))
+  vary = (np.ptp(u, axis=1) > 0) & (np.ptp(r, axis=1) > 0)  # std of equal floats may be 1e-17.
+  corr = [np.corrcoef(u[i], r[i])[0, 1] for i in np.flatnonzero(vary)]
+  return {"sample": float(u.mean()), "oracle": float(u.max(axis=1).mean()),
+          "by_rm": float(u[rows, r.argmax(axis=1)].mean()),
+          "corr": float(np.mean(corr)) if corr else float("nan"),
+          "any_positive": float((u.max(axis=1) > 0).mean())}
+
+
+def best_of_n(config, graphdef, shardings, params, rm_graphdef, rm, prompts, mesh, n: int,
+              seed: int = 0) -> dict:
+  """Samples `n` answers per prompt at temperature 1; `selection_stats` of them."""
+  from instructrl.data import EOS_ID, pipeline  # pylint: disable=g-import-not-at-top
+  sampler = make_sampler(graphdef, shardings, SampleConfig(
+      config.eval.max_new_tokens, 1.0, eos_id=EOS_ID), mesh)
+  score = common.mesh_jit(
+      lambda p, s, m: rollout_lib.sequence_scores(rm_graphdef, p, s, m), mesh)
+  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+  utility, scores, start = [], [], 0
+  batches = answers.prompt_batches([p.text for p in prompts], vocab=vocab,
+                                   seq_len=config.ppo.prompt_len,
+                                   batch_size=config.eval.batch_size, tag="probe")
+  for b, batch in enumerate(batches):
+    x = mesh_lib.put_batch(batch, mesh)
+    real = int(np.asarray(batch["prompt_mask"]).any(axis=1).sum())
+    u, r = np.zeros((real, n)), np.zeros((real, n))
+    for k in range(n):
+      out = sampler(params, x["prompt_tokens"], x["prompt_mask"],
+                    jax.random.key(seed + b * n + k))
+      mask = jnp.concatenate([x["prompt_mask"], out.response_mask], axis=1)
+      r[:, k] = np.asarray(score(rm, out.tokens, mask))[:real]
+      texts = answers.decode(vocab, batch, out)
+      u[:, k] = [p.utility(t) for p, t in zip(prompts[start:start + real], texts)]
+    utility.append(u)
+    start += real
+    scores.append(r)
+  return selection_stats(np.concatenate(utility), np.concatenate(scores))
 
 
 def main(_):
@@ -64,6 +124,16 @@ def main(_):
     print(f"{stage}: gold utility {utility:.3f}, exact {correct:.3f} ({len(prompts)} "
           f"{_SPLIT.value} prompts) | " + " ".join(
               f"{f} {np.mean(u):.2f}" for f, u in sorted(by_family.items())))
+    if _BEST_OF.value:
+      g_rm, abs_rm = abstract(ScalarModel, rm_model_config(config))
+      rm = common.load_export(_WORKDIR.value, "rm", abs_rm,
+                              mesh_lib.state_shardings(abs_rm, mesh))
+      st = best_of_n(config, graphdef, shardings, params, g_rm, rm, prompts, mesh,
+                     _BEST_OF.value)
+      print(f"{stage}: temperature 1, {_BEST_OF.value} samples per prompt: mean gold "
+            f"utility {st['sample']:.3f}; best by gold {st['oracle']:.3f}; best by RM "
+            f"{st['by_rm']:.3f}; corr(RM, gold) within prompts {st['corr']:.3f}; "
+            f"prompts with a useful sample {st['any_positive']:.2f}")
 
 
 if __name__ == "__main__":
