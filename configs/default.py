@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
   c.data = mlc.ConfigDict(dict(
       vocab="default", on_error="raise", cache_dir="",
       world=dict(seed=0, sft=3000, rm=1500, ppo=2000, validation=300, test=300,
-                 k_min=4, k_max=9)))
+                 k_min=4, k_max=9, families="")))
 
   c.model = mlc.ConfigDict(dict(
       vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=None,

@@ -103,6 +103,8 @@ CONFIG_ERRORS = {
         ["--config.stage=sft", "--config.sft.init=/nonexistent", *MESH8],
         "config.sft.init"),
     "unknown_stage": (["--config.stage=bogus"], "config.stage"),
+    "unknown_world_family": (["--config.data.world.families=list,bogus"],
+                             "config.data.world"),
     "seq_len_over_max_len": (["--config.stage=sft", "--config.sft.seq_len=500",
                               *MESH8], "config.sft.seq_len"),
     "unknown_variant": (["--config=configs/default.py:bogus"], "bogus"),

@@ -295,3 +295,18 @@ def test_combine_edge_cases():
   assert utility.combine(s, "   ") == 0.0
   lenient = utility.Preferences(partial_credit=3.0)
   assert utility.combine(s, "x", lenient) == 1.0  # Clipped to [0, 1].
+
+
+def test_a_world_of_some_families(default_world):
+  """`families` keeps only those families, in every split and kind, and
+  leaves the default world as it was."""
+  small = world.World(world.WorldConfig(families="list, kth_word", sft=200, rm=50,
+                                        ppo=50, validation=40, test=40))
+  for kind in world.KINDS:
+    for split in ("train", "validation", "test"):
+      fams = {p.family for p in small.prompts(kind, split)}
+      assert fams == {"list", "kth_word"}, (kind, split, fams)
+  assert world.WorldConfig.from_dict({"families": ""}) == world.WorldConfig()
+  assert len({p.family for p in default_world.prompts("sft", "train")}) == 9
+  with pytest.raises(ValueError, match="bogus"):
+    world.WorldConfig.from_dict({"families": "list,bogus"})

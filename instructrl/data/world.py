@@ -75,6 +75,8 @@ class WorldConfig:
     test: prompts in the test split (what evaluation uses).
     k_min: fewest responses per comparison.
     k_max: most responses per comparison.
+    families: comma-separated family names to draw prompts from; "" = all
+      nine. A smaller world gives each skill more of a fixed step budget.
   """
   seed: int = 0
   sft: int = 3000
@@ -84,6 +86,11 @@ class WorldConfig:
   test: int = 300
   k_min: int = 4
   k_max: int = 9
+  families: str = ""
+
+  @property
+  def family_names(self) -> tuple[str, ...]:
+    return tuple(f.strip() for f in self.families.split(",") if f.strip())
 
   @classmethod
   def from_dict(cls, d: Optional[Any]) -> "WorldConfig":
@@ -93,6 +100,9 @@ class WorldConfig:
     if unknown:
       raise ValueError(f"unknown world options {sorted(unknown)}; known: "
                        f"{[f.name for f in dataclasses.fields(cls)]}")
+    bad = [f for f in cls(**d).family_names if f not in FAMILIES]
+    if bad:
+      raise ValueError(f"unknown world families {bad}; known: {list(FAMILIES)}")
     return cls(**d)
 
 
@@ -106,13 +116,15 @@ def make_prompt(family: str, spec: dict[str, Any], template: int,
 
 
 def sample_prompts(n: int, split: str, rng: np.random.Generator,
-                   exclude: frozenset = frozenset()) -> list[Prompt]:
+                   exclude: frozenset = frozenset(),
+                   families: Sequence[str] = ()) -> list[Prompt]:
   """`n` distinct prompts of `split`, families balanced round-robin.
 
   A family whose prompt space is used up (small pools in the held-out
-  splits) drops out and the others fill in.
+  splits) drops out and the others fill in. `families`: only these (default
+  all, in FAMILIES order).
   """
-  names = list(FAMILIES)
+  names = list(families or FAMILIES)
   seen = set(exclude)
   out = []
   active = [names[i] for i in rng.permutation(len(names))]
@@ -237,7 +249,8 @@ class World:
     out, used = {}, frozenset()
     for kind, n in (("sft", self.config.sft), ("rm", self.config.rm),
                     ("prompts", self.config.ppo)):
-      out[kind] = sample_prompts(n, "train", self._rng("train", kind), used)
+      out[kind] = sample_prompts(n, "train", self._rng("train", kind), used,
+                                 self.config.family_names)
       used = used | {p.text for p in out[kind]}
     return out
 
@@ -251,7 +264,8 @@ class World:
     if split not in ("validation", "test"):
       raise ValueError(f"split must be one of {common.SPLITS}, got {split!r}")
     n = getattr(self.config, split)
-    return sample_prompts(n, split, self._rng(split))
+    return sample_prompts(n, split, self._rng(split),
+                          families=self.config.family_names)
 
   def demos(self, split: str) -> list[common.Demo]:
     return [common.Demo(p.text, p.reference, f"world:sft:{split}:{i}")

@@ -44,6 +44,12 @@ def check_config(config, workdir: str, mesh) -> None:
   if config.stage not in STAGES + ("pipeline",):
     raise common.ConfigError(f"config.stage: unknown stage {config.stage!r}; "
                              f"one of {STAGES + ('pipeline',)}")
+  if "data" in config and "world" in config.data:
+    from instructrl.data import world  # pylint: disable=g-import-not-at-top
+    try:
+      world.WorldConfig.from_dict(dict(config.data.world))
+    except (TypeError, ValueError) as e:
+      raise common.ConfigError(f"config.data.world: {e}") from None
   todo = ([s for s in STAGES if not common.is_done(workdir, s)]
           if config.stage == "pipeline" else [config.stage])
   for stage in (s for s in todo if s in ("pretrain", "sft", "rm")):
