@@ -90,8 +90,11 @@ def test_build_labels_samples_and_is_deterministic(sft_workdir, tmp_path):
 def test_rm_stage_trains_on_sampled_comparisons(sft_workdir):
   config, workdir = sft_workdir
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  # Built here unless the test above did, in this process (xdist may run it
+  # elsewhere): either way the stage must reuse the finished file.
+  rm_data.build(config, workdir, mesh, "validation")
   info = stages.run_rm_stage(config, workdir, mesh)
   sampled = info["sampled_data"]
   assert sampled["train"]["comparisons"] > 0
-  assert "reused" in sampled["validation"]  # Built by the test above.
+  assert "reused" in sampled["validation"]
   assert info["steps"] > 0 and np.isfinite(info["final"]["loss"])
