@@ -35,6 +35,20 @@ SFT_VARIANTS = (  # (scan_layers, remat_policy, rows)
 SAMPLE_VARIANTS = ((True, 64), (False, 64), (False, 16), (True, 16))  # (scan, rows)
 
 
+def _variant(rec, make_case, rounds, reps, figures, write):
+  """Builds, warms and times one variant; writes `rec` with its figures (or
+  the error, e.g. out of memory) and frees it before the next."""
+  try:
+    case = make_case()
+    case.prepare()
+    m = measure(case, rounds, reps)
+    rec.update(m, **figures(m["step_s"]))
+  except Exception as e:  # pylint: disable=broad-except
+    rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+  write(rec)
+  gc.collect()
+
+
 def run(args, write):
   import jax  # pylint: disable=g-import-not-at-top
   from bench import ours  # pylint: disable=g-import-not-at-top
@@ -49,37 +63,21 @@ def run(args, write):
   for scan, remat, rows in SFT_VARIANTS if "sft" in args.only else ():
     if time.perf_counter() - t0 > args.budget_s:
       break
-    rec = {"figure": "sft", "scan_layers": scan, "remat": remat, "rows": rows}
-    try:
-      shape = dataclasses.replace(s, sft_batch=rows)
-      case = ours.sft_case(shape, mesh, scan_layers=scan, remat_policy=remat,
-                           attention_impl=attn)
-      case.prepare()
-      m = measure(case, 2, 3)
-      flops = shape.train_flops(rows, s.seq_len)
-      rec.update(m, tokens_per_s=rows * s.seq_len / m["step_s"],
-                 mfu_spec=flops / m["step_s"] / 1e12 / SPEC_BF16_TFLOPS)
-    except Exception as e:  # pylint: disable=broad-except
-      rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    write(rec)
-    case = None
-    gc.collect()
+    shape = dataclasses.replace(s, sft_batch=rows)
+    flops = shape.train_flops(rows, s.seq_len)
+    _variant({"figure": "sft", "scan_layers": scan, "remat": remat, "rows": rows},
+             lambda: ours.sft_case(shape, mesh, scan_layers=scan, remat_policy=remat,
+                                   attention_impl=attn),
+             2, 3, lambda t: {"tokens_per_s": rows * s.seq_len / t,
+                              "mfu_spec": flops / t / 1e12 / SPEC_BF16_TFLOPS}, write)
   for scan, rows in SAMPLE_VARIANTS if "sample" in args.only else ():
     if time.perf_counter() - t0 > args.budget_s:
       break
-    rec = {"figure": "sample", "scan_layers": scan, "rows": rows}
-    try:
-      shape = dataclasses.replace(s, prompts=rows)
-      case = ours.sample_case(shape, mesh, scan_layers=scan)
-      case.prepare()
-      m = measure(case, 1, 2)
-      rec.update(m, new_tokens_per_s=rows * s.new_tokens / m["step_s"],
-                 ms_per_token_step=1e3 * m["step_s"] / s.new_tokens)
-    except Exception as e:  # pylint: disable=broad-except
-      rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    write(rec)
-    case = None
-    gc.collect()
+    shape = dataclasses.replace(s, prompts=rows)
+    _variant({"figure": "sample", "scan_layers": scan, "rows": rows},
+             lambda: ours.sample_case(shape, mesh, scan_layers=scan),
+             1, 2, lambda t: {"new_tokens_per_s": rows * s.new_tokens / t,
+                              "ms_per_token_step": 1e3 * t / s.new_tokens}, write)
   write({"figure": "done", "wall_s": time.perf_counter() - t0})
 
 

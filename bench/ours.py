@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import Case, Shape
-from instructrl import losses
 from instructrl import mesh as mesh_lib
 from instructrl import ppo as ppo_lib
 from instructrl import rollout as rollout_lib
@@ -181,16 +180,9 @@ class PPOBench:
       seq_mask = jnp.concatenate([prompt_mask.astype(bool), mask], axis=1)
       return rollout_lib.sequence_scores(g["rm"], rm, seq, seq_mask), seq_mask
 
-    def ref_value(ref, value, seq, seq_mask, response, mask, logp, score, kl_coef):
-      ref_logp = rollout_lib.response_logprobs(g["ref"], ref, seq, seq_mask, response)
-      values = rollout_lib.response_values(g["value"], value, seq, seq_mask,
-                                           response.shape[1])
-      values = jnp.where(mask, values, 0.0)
-      rewards, _ = rollout_lib.shape_rewards(score, logp, ref_logp, mask, kl_coef)
-      adv, ret = losses.gae(rewards, values, mask, rc.gamma, rc.lam)
-      adv = losses.whiten(adv, mask)
-      return rollout_lib.Experience(seq, seq_mask, response, mask, logp, ref_logp,
-                                    values, rewards, adv, ret, score)
+    def ref_value(ref, value, out, seq_mask, score, kl_coef):
+      return rollout_lib.experience_from_sample(
+          g, {"ref": ref, "value": value}, out, seq_mask, score, kl_coef, rc)[0]
     self.score_fn = jax.jit(score)
     self.ref_value_fn = jax.jit(ref_value)
 
@@ -212,9 +204,8 @@ class PPOBench:
     def ref_value():
       out = box["out"]
       box["exp"] = jax.block_until_ready(self.ref_value_fn(
-          self.frozen["ref"], self.state["value_params"], out.tokens, box["seq_mask"],
-          out.response, out.response_mask, out.logp_raw, box["score"],
-          self.state["kl_coef"]))
+          self.frozen["ref"], self.state["value_params"], out, box["seq_mask"],
+          box["score"], self.state["kl_coef"]))
 
     def learn():
       with jax.set_mesh(self.mesh):

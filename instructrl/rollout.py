@@ -105,12 +105,20 @@ def make_experience(models: dict, params: dict, prompt_tokens, prompt_mask, key,
   sc = SampleConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
                     eos_id=rc.eos_id, pad_id=rc.pad_id)
   out = sample(models["policy"], params["policy"], prompt_tokens, prompt_mask, key, sc)
+  seq_mask = jnp.concatenate([prompt_mask.astype(bool), out.response_mask], axis=1)
+  score = sequence_scores(models["rm"], params["rm"], out.tokens, seq_mask)
+  return experience_from_sample(models, params, out, seq_mask, score, kl_coef, rc)
+
+
+def experience_from_sample(models: dict, params: dict, out, seq_mask, score, kl_coef,
+                           rc: RolloutConfig) -> tuple[Experience, dict]:
+  """What follows sampling and RM scoring: reference log-probs, values, shaped
+  rewards and GAE for the sampler's output `out` (its own log-probs serve as
+  the old policy's). `params` needs the "ref" and "value" entries."""
   mask = out.response_mask
-  seq_mask = jnp.concatenate([prompt_mask.astype(bool), mask], axis=1)
   seq, n = out.tokens, rc.max_new_tokens
   ref_logp = response_logprobs(models["ref"], params["ref"], seq, seq_mask,
                                out.response)
-  score = sequence_scores(models["rm"], params["rm"], seq, seq_mask)
   ended = jnp.any(mask & (out.response == rc.eos_id), axis=1)
   score = score + jnp.where(ended, 0.0, rc.no_eos_penalty)
   values = jnp.where(mask, response_values(models["value"], params["value"], seq,

@@ -435,6 +435,7 @@ def test_probe_best_of_n_on_the_tiny_workdir(one_device):
   from instructrl.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   from instructrl.model import LanguageModel, ScalarModel  # pylint: disable=g-import-not-at-top
   from instructrl.model.sharded import abstract  # pylint: disable=g-import-not-at-top
+  from instructrl.train import evaluate  # pylint: disable=g-import-not-at-top
   from instructrl.train import probe  # pylint: disable=g-import-not-at-top
   from instructrl.train import stages  # pylint: disable=g-import-not-at-top
   config = load_config({**OVERRIDES, **MESH1})
@@ -447,11 +448,13 @@ def test_probe_best_of_n_on_the_tiny_workdir(one_device):
                           mesh_lib.state_shardings(abs_rm, mesh))
   prompts = data_pipeline.get_prompts("world", "validation",
                                       world=dict(config.data.world))[:10]
-  one = probe.best_of_n(config, g_lm, sh, params, g_rm, rm, prompts, mesh, 1)
+  progs = evaluate._programs(config, g_lm, sh, g_rm, mesh)
+  vocab = data_pipeline.resolve_vocab(config.data.vocab)
+  one = probe.best_of_n(config, progs, params, rm, prompts, mesh, 1, vocab)
   assert one["sample"] == one["oracle"] == one["by_rm"]
-  three = probe.best_of_n(config, g_lm, sh, params, g_rm, rm, prompts, mesh, 3)
+  three = probe.best_of_n(config, progs, params, rm, prompts, mesh, 3, vocab)
   assert three["oracle"] >= max(three["by_rm"], three["sample"])
-  again = probe.best_of_n(config, g_lm, sh, params, g_rm, rm, prompts, mesh, 3)
+  again = probe.best_of_n(config, progs, params, rm, prompts, mesh, 3, vocab)
   assert again == three or np.isnan(three["corr"]) and {
       k: v for k, v in again.items() if k != "corr"} == {
           k: v for k, v in three.items() if k != "corr"}

@@ -131,10 +131,13 @@ class Transformer(nnx.Module):
       # cache is a scanned input and output, so every decode step copies it
       # whole (3.6x slower decoding at 1.3B on an H200, bench/gpu_sweep.py).
       outs = []
+      if cfg.scan_layers:
+        graphdef, stacked = nnx.split(self.layers)
       for i in range(cfg.num_layers):
-        graphdef, state = nnx.split(self.layers if cfg.scan_layers else self.layers[i])
         if cfg.scan_layers:
-          state = jax.tree.map(lambda a, i=i: a[i], state)
+          state = jax.tree.map(lambda a, i=i: a[i], stacked)
+        else:
+          graphdef, state = nnx.split(self.layers[i])
         kv = None if kvs is None else {"k": kvs["k"][i], "v": kvs["v"][i]}
         key = None if layer_keys is None else layer_keys[i]
         x, new_kv = block(graphdef, state, x, positions, mask, kv, cache_index, key)

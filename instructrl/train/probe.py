@@ -28,10 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from instructrl import mesh as mesh_lib
-from instructrl import rollout as rollout_lib
 from instructrl.model import LanguageModel, ScalarModel
 from instructrl.model.sharded import abstract
-from instructrl.sampling import SampleConfig, make_sampler
 from instructrl.train import answers
 from instructrl.train import common
 from instructrl.train.stages import model_config, rm_model_config
@@ -46,12 +44,9 @@ _NUM = flags.DEFINE_integer("num_prompts", 300, "At most this many prompts.")
 _BEST_OF = flags.DEFINE_integer("best_of", 0, "Also report best-of-N statistics.")
 
 
-def greedy_answers(config, graphdef, shardings, params, texts, mesh) -> list[str]:
-  from instructrl.data import EOS_ID, pipeline  # pylint: disable=g-import-not-at-top
-  sampler = make_sampler(graphdef, shardings, SampleConfig(
-      config.eval.max_new_tokens, 0.0, eos_id=EOS_ID), mesh)
-  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
-  return answers.generate(sampler, params, texts, mesh, vocab=vocab,
+def greedy_answers(config, progs, params, texts, mesh, vocab) -> list[str]:
+  """Decoded greedy answers; `progs` from `evaluate._programs`."""
+  return answers.generate(progs["greedy"], params, texts, mesh, vocab=vocab,
                           seq_len=config.ppo.prompt_len,
                           batch_size=config.eval.batch_size, tag="probe")
 
@@ -73,15 +68,10 @@ def selection_stats(utility, scores) -> dict:
           "any_positive": float((u.max(axis=1) > 0).mean())}
 
 
-def best_of_n(config, graphdef, shardings, params, rm_graphdef, rm, prompts, mesh, n: int,
+def best_of_n(config, progs, params, rm, prompts, mesh, n: int, vocab,
               seed: int = 0) -> dict:
-  """Samples `n` answers per prompt at temperature 1; `selection_stats` of them."""
-  from instructrl.data import EOS_ID, pipeline  # pylint: disable=g-import-not-at-top
-  sampler = make_sampler(graphdef, shardings, SampleConfig(
-      config.eval.max_new_tokens, 1.0, eos_id=EOS_ID), mesh)
-  score = common.mesh_jit(
-      lambda p, s, m: rollout_lib.sequence_scores(rm_graphdef, p, s, m), mesh)
-  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+  """Samples `n` answers per prompt at temperature 1 (`progs["sample"]`), scores
+  them with the RM (`progs["score"]`); `selection_stats` of them."""
   utility, scores, start = [], [], 0
   batches = answers.prompt_batches([p.text for p in prompts], vocab=vocab,
                                    seq_len=config.ppo.prompt_len,
@@ -91,45 +81,47 @@ def best_of_n(config, graphdef, shardings, params, rm_graphdef, rm, prompts, mes
     real = int(np.asarray(batch["prompt_mask"]).any(axis=1).sum())
     u, r = np.zeros((real, n)), np.zeros((real, n))
     for k in range(n):
-      out = sampler(params, x["prompt_tokens"], x["prompt_mask"],
-                    jax.random.key(seed + b * n + k))
+      out = progs["sample"](params, x["prompt_tokens"], x["prompt_mask"],
+                            jax.random.key(seed + b * n + k))
       mask = jnp.concatenate([x["prompt_mask"], out.response_mask], axis=1)
-      r[:, k] = np.asarray(score(rm, out.tokens, mask))[:real]
+      r[:, k] = np.asarray(progs["score"](rm, out.tokens, mask))[:real]
       texts = answers.decode(vocab, batch, out)
       u[:, k] = [p.utility(t) for p, t in zip(prompts[start:start + real], texts)]
     utility.append(u)
-    start += real
     scores.append(r)
+    start += real
   return selection_stats(np.concatenate(utility), np.concatenate(scores))
 
 
 def main(_):
   from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
+  from instructrl.train.evaluate import _programs  # pylint: disable=g-import-not-at-top
   from instructrl.train.pipeline import make_mesh  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
   mesh = make_mesh(config)
   graphdef, abs_lm = abstract(LanguageModel, model_config(config))
+  g_rm, abs_rm = abstract(ScalarModel, rm_model_config(config))
   shardings = mesh_lib.state_shardings(abs_lm, mesh)
+  progs = _programs(config, graphdef, shardings, g_rm, mesh)  # Compiled once.
+  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+  rm = (common.load_export(_WORKDIR.value, "rm", abs_rm,
+                           mesh_lib.state_shardings(abs_rm, mesh))
+        if _BEST_OF.value else None)
   prompts = pipeline.get_prompts("world", _SPLIT.value,
                                  world=dict(config.data.world))[:_NUM.value]
   for stage in _STAGES.value:
     params = common.load_export(_WORKDIR.value, stage, abs_lm, shardings)
-    answers = greedy_answers(config, graphdef, shardings, params,
-                             [p.text for p in prompts], mesh)
+    got = greedy_answers(config, progs, params, [p.text for p in prompts], mesh, vocab)
     by_family = {}
-    for p, a in zip(prompts, answers):
+    for p, a in zip(prompts, got):
       by_family.setdefault(p.family, []).append(p.utility(a))
-    utility = np.mean([p.utility(a) for p, a in zip(prompts, answers)])
-    correct = np.mean([p.score(a).exact for p, a in zip(prompts, answers)])
+    utility = np.mean([u for us in by_family.values() for u in us])
+    correct = np.mean([p.score(a).exact for p, a in zip(prompts, got)])
     print(f"{stage}: gold utility {utility:.3f}, exact {correct:.3f} ({len(prompts)} "
           f"{_SPLIT.value} prompts) | " + " ".join(
               f"{f} {np.mean(u):.2f}" for f, u in sorted(by_family.items())))
     if _BEST_OF.value:
-      g_rm, abs_rm = abstract(ScalarModel, rm_model_config(config))
-      rm = common.load_export(_WORKDIR.value, "rm", abs_rm,
-                              mesh_lib.state_shardings(abs_rm, mesh))
-      st = best_of_n(config, graphdef, shardings, params, g_rm, rm, prompts, mesh,
-                     _BEST_OF.value)
+      st = best_of_n(config, progs, params, rm, prompts, mesh, _BEST_OF.value, vocab)
       print(f"{stage}: temperature 1, {_BEST_OF.value} samples per prompt: mean gold "
             f"utility {st['sample']:.3f}; best by gold {st['oracle']:.3f}; best by RM "
             f"{st['by_rm']:.3f}; corr(RM, gold) within prompts {st['corr']:.3f}; "
