@@ -28,14 +28,19 @@ def get_config(arg: str = ""):
   c.seed = 0
   c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
+  # The world: three of the nine families, the ones where this 1M-parameter
+  # model's SFT answers earn something (docs/design.md: on the other six they
+  # score 0, so no stage could differ there). Demonstration writers sign off
+  # 80% of their answers with "I hope this helps.", which every labeler
+  # group ranks lower (docs/data.md). families="" restores all nine.
   c.data = mlc.ConfigDict(dict(
       vocab="default", on_error="raise", cache_dir="",
-      world=dict(seed=0, sft=3000, rm=1500, ppo=2000, validation=300, test=300,
-                 k_min=4, k_max=9, families="")))
+      world=dict(seed=0, sft=3000, rm=1000, ppo=2000, validation=300, test=300,
+                 k_min=4, k_max=9, families="case,context_qa,count", sign_off=0.8)))
 
   c.model = mlc.ConfigDict(dict(
       vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=None,
-      head_dim=None, d_ff=None, max_len=128, style="gpt", tie_embeddings=True,
+      head_dim=None, d_ff=None, max_len=160, style="gpt", tie_embeddings=True,
       dropout_rate=0.0, norm_eps=1e-5, rope_theta=10000.0, dtype="float32",
       param_dtype="float32", scan_layers=False, remat_policy="none",
       attention_impl=None))
@@ -44,38 +49,48 @@ def get_config(arg: str = ""):
   c.pretrain = _lm_stage(data="corpus", steps=300, batch_size=16, seq_len=128,
                          lr=2e-3, warmup_steps=50, eval_every=200)
   # Stage 1: SFT on demonstrations (the paper: cosine to 10%, best model by
-  # validation). No dropout here, unlike the paper's 0.2: this 1M-parameter
-  # model underfits 3,000 demonstrations (validation loss still falls at
-  # epoch 6), and dropout's random masks cost a third of a CPU step.
-  # ptx_frac: share of pretraining rows mixed into each batch (the paper's
-  # PPO-init SFT used 10%). select_rm: "rm" or a params path to keep the
-  # checkpoint with the best RM score on validation prompts (else val loss).
+  # validation: step 200 of 282 here). No dropout, unlike the paper's 0.2:
+  # dropout's random masks cost a third of a CPU step, and longer training
+  # was measured to memorise rather than generalise (docs/design.md).
+  # ptx_frac: share of pretraining rows mixed into each batch, each row
+  # weighted as an average SFT row (the paper's PPO-init SFT used 10%; without
+  # it SFT's held-out corpus loss goes from 4.6 to 6.9 and there is no LM
+  # left to tax). select_rm: "rm" or a params path to keep the checkpoint
+  # with the best RM score on validation prompts (else val loss).
   c.sft = _lm_stage(data="world", init="pretrain", epochs=3.0, batch_size=32,
-                    seq_len=64, lr=1e-3, warmup_steps=30, dropout=0.0, eval_every=50,
-                    ptx_frac=0.0, ptx_data="corpus", select_rm="",
+                    seq_len=72, lr=1e-3, warmup_steps=30, dropout=0.0, eval_every=50,
+                    ptx_frac=0.1, ptx_data="corpus", select_rm="",
                     select_prompt_len=64, select_new_tokens=24)
   # Stage 2: the reward model from SFT weights; Eq. 1 over all C(K,2) pairs,
   # one epoch as in the paper (Appendix C.2: more overfits).
   # candidates: "world" (hand-made variants of the reference) or "sft"
-  # (labellers rank the SFT model's own samples; train/rm_data.py).
+  # (labellers rank the SFT model's own samples; train/rm_data.py). "sft", as
+  # in the paper: on the world's variants the RM learned that a sign-off
+  # marks a right answer (the variants append it to the reference), and PPO
+  # then added sign-offs.
   c.rm = _lm_stage(data="world", init="sft", epochs=1.0, batch_size=16, seq_len=80,
                    lr=5e-4, warmup_steps=10, eval_every=50, heldout_group=4, demo_data="world",
-                   demo_batches=8, candidates="world", sample_temperature=1.0,
+                   demo_batches=8, candidates="sft", sample_temperature=1.0,
                    sample_new_tokens=24, sample_batch_size=64)
 
   # Stage 3: PPO and PPO-ptx (the paper, Appendix C.4; sizes scaled down).
+  # lr 3e-5, beta 0.3 and gamma 10, not the paper's 9.65e-6, 0.02 and 27.8:
+  # at 1e-5 this 1M-parameter policy barely moves in 30 iterations, at beta
+  # 0.02-0.1 it trades right answers for ones this small RM cannot tell from
+  # right, and gamma 10 had the best validation gold utility of the sweep
+  # (docs/design.md).
   c.ppo = mlc.ConfigDict(dict(
       data="world", ptx_data="corpus", iterations=30, batch_size=64,
-      minibatch_size=16, epochs=1, lr=1e-5, value_lr=1e-5, warmup_iterations=10,
-      clip_eps=0.2, value_clip_eps=0.2, clip_norm=1.0, kl_coef=0.02, kl_target=0.0,
-      kl_horizon=10000, ptx_coef=27.8, ptx_ratio=8, ptx_seq_len=32, lam=0.95,
+      minibatch_size=16, epochs=1, lr=3e-5, value_lr=3e-5, warmup_iterations=10,
+      clip_eps=0.2, value_clip_eps=0.2, clip_norm=1.0, kl_coef=0.3, kl_target=0.0,
+      kl_horizon=10000, ptx_coef=10.0, ptx_ratio=8, ptx_seq_len=32, lam=0.95,
       ema_decay=0.0, prompt_len=64, max_new_tokens=24, no_eos_penalty=0.0,
       log_every=5, save_every=20))
 
   # Evaluation on the held-out test prompts (gold judge; the paper's Fig. 1).
   c.eval = mlc.ConfigDict(dict(
       num_prompts=0, batch_size=64, max_new_tokens=24, fewshot=1,
-      fewshot_prompt_len=104, heldout_batches=8))
+      fewshot_prompt_len=128, heldout_batches=8))
 
   if "tiny" in variants:
     c.data.vocab = "byte"

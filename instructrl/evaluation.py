@@ -41,6 +41,12 @@ def judge_against(prompts, responses: Sequence[str], baseline: Sequence[str]):
   return out
 
 
+def strip_suffix(response: str, suffix: str) -> str:
+  """`response` without a trailing `suffix` (and the space before it)."""
+  text = response.strip()
+  return text[:-len(suffix)].rstrip() if suffix and text.endswith(suffix) else text
+
+
 def behaviour(prompt, response: str) -> dict:
   """The paper's metadata (Table 3) for one response, from the family's Score."""
   s = prompt.score(response)
@@ -49,11 +55,13 @@ def behaviour(prompt, response: str) -> dict:
 
 
 def summarise(prompts, by_model: dict[str, list[str]], baseline: str = "sft",
-              extra: dict[str, dict] | None = None) -> dict:
+              extra: dict[str, dict] | None = None, sign_off: str = "") -> dict:
   """The report: per model overall and per family numbers.
 
   `by_model` maps model name -> decoded responses (same order as prompts);
   `extra` adds per-model scalars computed on device (RM score, KL, tax).
+  `sign_off`: also report the win rate with this suffix cut from both
+  responses ("..._without_sign_off"): how much of a win is the answer itself.
   """
   base = by_model[baseline]
   families = sorted({p.family for p in prompts})
@@ -63,6 +71,10 @@ def summarise(prompts, by_model: dict[str, list[str]], baseline: str = "sft",
     meta = [behaviour(p, r) for p, r in zip(prompts, responses)]
     entry = {"win_rate_vs_" + baseline: win_rate([o for o, _, _ in judged]),
              "gold_utility": _mean([u for _, u, _ in judged])}
+    if sign_off:
+      cut = judge_against(prompts, [strip_suffix(r, sign_off) for r in responses],
+                          [strip_suffix(r, sign_off) for r in base])
+      entry[f"win_rate_vs_{baseline}_without_sign_off"] = win_rate([o for o, _, _ in cut])
     for key in ("correct", "hallucination", "constraint_violation"):
       entry[key + "_rate"] = _mean([m[key] for m in meta])
     entry["families"] = {}
@@ -87,13 +99,16 @@ def _mean(xs) -> float:
 
 def table(report: dict, baseline: str = "sft") -> str:
   """The short summary table printed at the end of the pipeline."""
-  cols = ("model", f"win vs {baseline} [95% CI]", "gold u", "RM score", "KL to SFT",
-          "heldout LM loss", "halluc.", "constr.")
+  cut = f"win_rate_vs_{baseline}_without_sign_off"
+  has_cut = any(cut in e for e in report.values())
+  cols = ("model", f"win vs {baseline} [95% CI]") + (("sign-off cut",) if has_cut else ()) + (
+      "gold u", "RM score", "KL to SFT", "heldout LM loss", "halluc.", "constr.")
   rows = [cols]
   for name, e in report.items():
     w = e[f"win_rate_vs_{baseline}"]
-    rows.append((name, f"{w['rate']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}]",
-                 f"{e['gold_utility']:.3f}", _fmt(e.get("rm_score")),
+    rows.append((name, f"{w['rate']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}]") +
+                ((f"{e[cut]['rate']:.3f}",) if has_cut else ()) +
+                (f"{e['gold_utility']:.3f}", _fmt(e.get("rm_score")),
                  _fmt(e.get("kl_to_sft")), _fmt(e.get("heldout_lm_loss")),
                  f"{e['hallucination_rate']:.3f}",
                  f"{e['constraint_violation_rate']:.3f}"))

@@ -310,3 +310,24 @@ def test_a_world_of_some_families(default_world):
   assert len({p.family for p in default_world.prompts("sft", "train")}) == 9
   with pytest.raises(ValueError, match="bogus"):
     world.WorldConfig.from_dict({"families": "list,bogus"})
+
+
+def test_sign_off_changes_only_that_share_of_demonstrations(default_world):
+  """`sign_off` appends SIGN_OFF to about that share of the demonstrations
+  of every split, and changes nothing else the world makes."""
+  chatty = world.World(world.WorldConfig(sign_off=0.6))
+  for split in ("train", "validation"):
+    clean, signed = default_world.demos(split), chatty.demos(split)
+    assert [d.prompt for d in clean] == [d.prompt for d in signed]
+    extra = [s.completion == f"{c.completion} {world.SIGN_OFF}"
+             for c, s in zip(clean, signed)]
+    same = [s.completion == c.completion for c, s in zip(clean, signed)]
+    assert all(e or s for e, s in zip(extra, same))
+    assert abs(np.mean(extra) - 0.6) < 0.05, (split, np.mean(extra))
+  assert chatty.comparisons("train")[:50] == default_world.comparisons("train")[:50]
+  # Every labeler group ranks the signed-off answer below the bare one.
+  p = default_world.prompts("sft", "train")[0]
+  for g in labelers.GROUPS:
+    assert p.utility(f"{p.reference} {world.SIGN_OFF}", g.prefs) < p.utility(p.reference, g.prefs)
+  with pytest.raises(ValueError, match="sign_off"):
+    world.WorldConfig.from_dict({"sign_off": 1.5})

@@ -32,7 +32,7 @@ OVERRIDES = {
     "model.num_layers": 1, "rm.init": "none", "rm.epochs": 0.25,
     "rm.demo_batches": 1, "sft.init": "none", "sft.epochs": 0.25,
     "sft.eval_batches": 1, "sft.select_rm": "rm", "ppo.iterations": 2,
-    "eval.heldout_batches": 1,
+    "eval.heldout_batches": 1, "rm.candidates": "world",  # RM runs before SFT here.
 }
 
 

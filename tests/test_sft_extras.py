@@ -40,3 +40,14 @@ def test_mixed_batches_concatenate_and_resume_exactly():
   again = sft_extras.mixed_batches(_Counter(1, 4), _Counter(2, 1))
   again.set_state(state)
   np.testing.assert_array_equal(next(again)["tokens"], expected["tokens"])
+
+
+def test_each_pretraining_row_weighs_as_much_as_an_average_sft_row():
+  sft = {"tokens": np.zeros((4, 8), np.int32),
+         "loss_mask": np.array([[1] * 2 + [0] * 6, [1] * 4 + [0] * 4] * 2, np.float32)}
+  ptx = {"tokens": np.ones((1, 8), np.int32), "loss_mask": np.ones((1, 8), np.float32)}
+  mixed = sft_extras._concat_rows(sft, ptx)  # pylint: disable=protected-access
+  np.testing.assert_allclose(mixed["loss_mask"][:4], sft["loss_mask"])
+  # Average SFT row: 3 loss tokens; the pretraining row's 8 tokens weigh 3 in all.
+  np.testing.assert_allclose(mixed["loss_mask"][4], np.full(8, 3 / 8))
+  assert mixed["loss_mask"][4:].sum() / mixed["loss_mask"].sum() == 0.2  # 1 row of 5.

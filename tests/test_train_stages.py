@@ -40,8 +40,12 @@ MESH1 = {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}
 MESH8 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 # The tiny variant, smaller still: 4 pretrain, about 12 SFT (dropout 0.1) and
 # 13 RM steps; a checkpoint every 2 steps and evaluations that pick the best
-# params. Batch sizes (8, 8, 4) divide data * fsdp = 4.
+# params. Batch sizes (8, 8, 4) divide data * fsdp = 4. SFT's pretraining
+# rows: 1/3 gives 4 rows on one device and on four (rows are rounded to the
+# data-parallel size, so 0.1 would give 1 and 4). The RM learns from the
+# world's candidates: sampled ones would differ with float rounding.
 OVERRIDES = {
+    "sft.ptx_frac": 1 / 3, "rm.candidates": "world",
     "pretrain.steps": 4, "pretrain.log_every": 1, "pretrain.save_every": 2,
     "pretrain.eval_every": 2, "pretrain.eval_batches": 1,
     "sft.epochs": 1.5, "sft.log_every": 1, "sft.save_every": 2,

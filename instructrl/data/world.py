@@ -35,6 +35,9 @@ PROMPT_FORMAT = "{instruction}\nAnswer:"
 
 KINDS = ("sft", "rm", "prompts")
 
+# What a chatty demonstration writer appends (WorldConfig.sign_off).
+SIGN_OFF = "I hope this helps."
+
 # Text a model appends after its answer: the paper's hallucination metadata.
 _TRAILERS = (
     "I hope this helps.", "That is the answer.", "This was easy.",
@@ -77,6 +80,9 @@ class WorldConfig:
     k_max: most responses per comparison.
     families: comma-separated family names to draw prompts from; "" = all
       nine. A smaller world gives each skill more of a fixed step budget.
+    sign_off: share of demonstrations whose writer ends the answer with
+      SIGN_OFF, a habit of real demonstration writers that every labeler
+      group and the gold judge count as extra words (docs/data.md).
   """
   seed: int = 0
   sft: int = 3000
@@ -87,6 +93,7 @@ class WorldConfig:
   k_min: int = 4
   k_max: int = 9
   families: str = ""
+  sign_off: float = 0.0
 
   @property
   def family_names(self) -> tuple[str, ...]:
@@ -100,6 +107,8 @@ class WorldConfig:
     if unknown:
       raise ValueError(f"unknown world options {sorted(unknown)}; known: "
                        f"{[f.name for f in dataclasses.fields(cls)]}")
+    if not 0.0 <= float(d.get("sign_off", 0.0)) <= 1.0:
+      raise ValueError(f"sign_off must be in [0, 1], got {d['sign_off']}")
     bad = [f for f in cls(**d).family_names if f not in FAMILIES]
     if bad:
       raise ValueError(f"unknown world families {bad}; known: {list(FAMILIES)}")
@@ -268,8 +277,16 @@ class World:
                           families=self.config.family_names)
 
   def demos(self, split: str) -> list[common.Demo]:
-    return [common.Demo(p.text, p.reference, f"world:sft:{split}:{i}")
-            for i, p in enumerate(self.prompts("sft", split))]
+    """The reference answers, a `sign_off` share of them signed off.
+
+    The writer's habit has its own random stream, so it changes no other
+    data of the world.
+    """
+    rng = self._rng(split, "sign_off")
+    chatty = rng.random(len(self.prompts("sft", split))) < self.config.sign_off
+    return [common.Demo(p.text, f"{p.reference} {SIGN_OFF}" if c else p.reference,
+                        f"world:sft:{split}:{i}")
+            for i, (p, c) in enumerate(zip(self.prompts("sft", split), chatty))]
 
   @functools.lru_cache(maxsize=None)
   def comparisons(self, split: str) -> list[common.Comparison]:

@@ -34,12 +34,14 @@ MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("ppo_ptx", "ppo
 def _fewshot_prefix(config, n: int) -> str:
   from instructrl.data import world  # pylint: disable=g-import-not-at-top
   w = world.get_world(world.WorldConfig.from_dict(dict(config.data.world)))
-  # One demonstration per family when possible, so every task is shown.
+  # One example per family when possible, so every task is shown; the
+  # answer is the clean reference (a carefully written prompt, as the
+  # paper's prompted GPT-3), not a demonstration with its writer's habits.
   seen, picked = set(), []
-  for d, p in zip(w.demos("train"), w.prompts("sft", "train")):
+  for p in w.prompts("sft", "train"):
     if p.family not in seen and len(picked) < n:
       seen.add(p.family)
-      picked.append(f"{d.prompt} {d.completion}\n\n")
+      picked.append(f"{p.text} {p.reference}\n\n")
   return "".join(picked)
 
 
@@ -117,7 +119,9 @@ def run_eval_stage(config, workdir: str, mesh) -> dict:
     by_model[name] = answers
     lm = _batch_eval(lm_eval, params, heldout, mesh, ec.heldout_batches)
     extra[name] = {"rm_score": score, "kl_to_sft": kl, "heldout_lm_loss": lm["loss"]}
-  report = evaluation.summarise(prompts, by_model, "sft", extra)
+  from instructrl.data import world  # pylint: disable=g-import-not-at-top
+  sign_off = world.SIGN_OFF if config.data.world.get("sign_off", 0.0) > 0 else ""
+  report = evaluation.summarise(prompts, by_model, "sft", extra, sign_off=sign_off)
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   for name, answers in by_model.items():

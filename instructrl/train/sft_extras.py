@@ -2,7 +2,11 @@
 
 - `mixed_batches`: each SFT batch gets pretraining rows appended (the paper's
   PPO-initialisation SFT model used 10% pretraining data). The rows share the
-  SFT batch's layout, so the step's token-weighted LM loss runs over the union.
+  SFT batch's layout, so the step's LM loss runs over the union; each
+  pretraining row is weighted to count as much as an average SFT row, so
+  that 10% of the rows is 10% of the loss (a demonstration's answer is a few
+  tokens, a pretraining row is full: token weighting gave the 10% of rows
+  most of the loss and cost SFT a third of its gold utility).
 - `rm_score_eval`: the mean reward-model score of greedy answers to the
   validation prompts; with it the kept SFT checkpoint is the one with the
   best RM score on validation, as the paper chose its final SFT models.
@@ -29,6 +33,10 @@ def ptx_rows(batch_size: int, frac: float, multiple: int) -> int:
 
 
 def _concat_rows(a, b):
+  if "loss_mask" in a:
+    sft_w, ptx_w = a["loss_mask"].sum(), b["loss_mask"].sum()
+    scale = (sft_w / len(a["loss_mask"])) / (ptx_w / len(b["loss_mask"])) if ptx_w else 1.0
+    b = dict(b, loss_mask=(b["loss_mask"] * scale).astype(b["loss_mask"].dtype))
   return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
 
 

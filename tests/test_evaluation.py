@@ -1,0 +1,33 @@
+"""The gold-judge report: win rates with ties, intervals, the sign-off cut."""
+import numpy as np
+import pytest
+
+from instructrl import evaluation
+from instructrl.data import world
+
+
+def test_win_rate_counts_ties_half_with_the_sample_sd_interval():
+  w = evaluation.win_rate([1.0, 0.5, 0.5, 0.0, 1.0])
+  assert w["rate"] == pytest.approx(0.6)
+  sd = np.std([1.0, 0.5, 0.5, 0.0, 1.0], ddof=1)
+  assert w["hi"] - w["rate"] == pytest.approx(1.96 * sd / np.sqrt(5))
+  assert np.isnan(evaluation.win_rate([])["rate"])
+
+
+def test_the_sign_off_cut_judges_the_answers_alone():
+  """A policy that only drops the sign-off wins every prompt where the SFT
+  answer is worth something, and ties all of them once the sign-off is cut."""
+  prompts = world.World(world.WorldConfig(families="count", validation=10,
+                                          test=10)).prompts("prompts", "test")
+  refs = [p.reference for p in prompts]
+  sft = [f"{r} {world.SIGN_OFF}" for r in refs[:6]] + ["zzz"] * 4
+  ppo = refs[:6] + ["zzz"] * 4
+  report = evaluation.summarise(prompts, {"sft": sft, "ppo": ppo}, "sft",
+                                sign_off=world.SIGN_OFF)
+  assert report["ppo"]["win_rate_vs_sft"]["rate"] == pytest.approx((6 + 0.5 * 4) / 10)
+  assert report["ppo"]["win_rate_vs_sft_without_sign_off"]["rate"] == 0.5
+  assert report["ppo"]["hallucination_rate"] == 0.0
+  assert report["sft"]["hallucination_rate"] == 0.6
+  assert "sign-off cut" in evaluation.table(report).splitlines()[0]
+  assert evaluation.strip_suffix(f" x {world.SIGN_OFF} ", world.SIGN_OFF) == "x"
+  assert "without_sign_off" not in str(evaluation.summarise(prompts, {"sft": sft}, "sft"))
