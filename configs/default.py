@@ -40,6 +40,8 @@ def get_config(arg: str = ""):
 
   c.model = mlc.ConfigDict(dict(
       vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=None,
+      # max_len 160 (was 128): the 1-shot eval prompt outgrew 104 tokens. It
+      # sizes the position table, so bases pretrained at 128 do not load.
       head_dim=None, d_ff=None, max_len=160, style="gpt", tie_embeddings=True,
       dropout_rate=0.0, norm_eps=1e-5, rope_theta=10000.0, dtype="float32",
       param_dtype="float32", scan_layers=False, remat_policy="none",
@@ -49,13 +51,14 @@ def get_config(arg: str = ""):
   c.pretrain = _lm_stage(data="corpus", steps=300, batch_size=16, seq_len=128,
                          lr=2e-3, warmup_steps=50, eval_every=200)
   # Stage 1: SFT on demonstrations (the paper: cosine to 10%, best model by
-  # validation: step 200 of 282 here). No dropout, unlike the paper's 0.2:
+  # validation loss). seq_len 72: the sign-off makes the longest demo 65
+  # tokens. No dropout, unlike the paper's 0.2:
   # dropout's random masks cost a third of a CPU step, and longer training
   # was measured to memorise rather than generalise (docs/design.md).
   # ptx_frac: share of pretraining rows mixed into each batch, each row
   # weighted as an average SFT row (the paper's PPO-init SFT used 10%; without
-  # it SFT's held-out corpus loss goes from 4.6 to 6.9 and there is no LM
-  # left to tax). select_rm: "rm" or a params path to keep the checkpoint
+  # it, in the old nine-family default, SFT's held-out corpus loss went from
+  # 4.6 to 6.9 and there was no LM left to tax). select_rm: "rm" or a params path to keep the checkpoint
   # with the best RM score on validation prompts (else val loss).
   c.sft = _lm_stage(data="world", init="pretrain", epochs=3.0, batch_size=32,
                     seq_len=72, lr=1e-3, warmup_steps=30, dropout=0.0, eval_every=50,
@@ -64,10 +67,11 @@ def get_config(arg: str = ""):
   # Stage 2: the reward model from SFT weights; Eq. 1 over all C(K,2) pairs,
   # one epoch as in the paper (Appendix C.2: more overfits).
   # candidates: "world" (hand-made variants of the reference) or "sft"
-  # (labellers rank the SFT model's own samples; train/rm_data.py). "sft", as
-  # in the paper: on the world's variants the RM learned that a sign-off
-  # marks a right answer (the variants append it to the reference), and PPO
-  # then added sign-offs.
+  # (labellers rank the SFT model's own samples, topped up with the world's
+  # where they tie; train/rm_data.py). "sft", as in the paper: on the world's
+  # variants (which append trailers, the sign-off among them, to the
+  # reference more often than to wrong answers) the RM learned that a
+  # sign-off marks a right answer, and PPO then added sign-offs.
   c.rm = _lm_stage(data="world", init="sft", epochs=1.0, batch_size=16, seq_len=80,
                    lr=5e-4, warmup_steps=10, eval_every=50, heldout_group=4, demo_data="world",
                    demo_batches=8, candidates="sft", sample_temperature=1.0,
@@ -77,8 +81,8 @@ def get_config(arg: str = ""):
   # lr 3e-5, beta 0.3 and gamma 10, not the paper's 9.65e-6, 0.02 and 27.8:
   # at 1e-5 this 1M-parameter policy barely moves in 30 iterations, at beta
   # 0.02-0.1 it trades right answers for ones this small RM cannot tell from
-  # right, and gamma 10 had the best validation gold utility of the sweep
-  # (docs/design.md).
+  # right, and gamma 10 had the best validation gold utility of the sweep.
+  # lr and beta were read off the test split (docs/design.md says so).
   c.ppo = mlc.ConfigDict(dict(
       data="world", ptx_data="corpus", iterations=30, batch_size=64,
       minibatch_size=16, epochs=1, lr=3e-5, value_lr=3e-5, warmup_iterations=10,

@@ -42,9 +42,14 @@ def judge_against(prompts, responses: Sequence[str], baseline: Sequence[str]):
 
 
 def strip_suffix(response: str, suffix: str) -> str:
-  """`response` without a trailing `suffix` (and the space before it)."""
+  """`response` without trailing copies of `suffix` that start a word."""
   text = response.strip()
-  return text[:-len(suffix)].rstrip() if suffix and text.endswith(suffix) else text
+  while suffix and text.endswith(suffix):
+    head = text[:-len(suffix)]
+    if head and not head[-1].isspace():
+      break
+    text = head.rstrip()
+  return text
 
 
 def behaviour(prompt, response: str) -> dict:
@@ -107,7 +112,7 @@ def table(report: dict, baseline: str = "sft") -> str:
   for name, e in report.items():
     w = e[f"win_rate_vs_{baseline}"]
     rows.append((name, f"{w['rate']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}]") +
-                ((f"{e[cut]['rate']:.3f}",) if has_cut else ()) +
+                ((_fmt(e.get(cut, {}).get("rate")),) if has_cut else ()) +
                 (f"{e['gold_utility']:.3f}", _fmt(e.get("rm_score")),
                  _fmt(e.get("kl_to_sft")), _fmt(e.get("heldout_lm_loss")),
                  f"{e['hallucination_rate']:.3f}",

@@ -331,3 +331,7 @@ def test_sign_off_changes_only_that_share_of_demonstrations(default_world):
     assert p.utility(f"{p.reference} {world.SIGN_OFF}", g.prefs) < p.utility(p.reference, g.prefs)
   with pytest.raises(ValueError, match="sign_off"):
     world.WorldConfig.from_dict({"sign_off": 1.5})
+  with pytest.raises(ValueError, match="sign_off"):
+    world.WorldConfig.from_dict({"sign_off": "lots"})
+  with pytest.raises(ValueError, match="sign_off"):
+    world.World(world.WorldConfig(sign_off=-0.1))

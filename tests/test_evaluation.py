@@ -30,4 +30,7 @@ def test_the_sign_off_cut_judges_the_answers_alone():
   assert report["sft"]["hallucination_rate"] == 0.6
   assert "sign-off cut" in evaluation.table(report).splitlines()[0]
   assert evaluation.strip_suffix(f" x {world.SIGN_OFF} ", world.SIGN_OFF) == "x"
+  assert evaluation.strip_suffix(f"x {world.SIGN_OFF} {world.SIGN_OFF}", world.SIGN_OFF) == "x"
+  assert evaluation.strip_suffix(f"x{world.SIGN_OFF}", world.SIGN_OFF) == f"x{world.SIGN_OFF}"
+  assert evaluation.strip_suffix(world.SIGN_OFF, world.SIGN_OFF) == ""
   assert "without_sign_off" not in str(evaluation.summarise(prompts, {"sft": sft}, "sft"))

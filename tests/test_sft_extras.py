@@ -1,5 +1,6 @@
 """SFT options: the pretraining mix's row count and resumable mixed batches."""
 import numpy as np
+import pytest
 
 from instructrl.train import sft_extras
 
@@ -50,4 +51,9 @@ def test_each_pretraining_row_weighs_as_much_as_an_average_sft_row():
   np.testing.assert_allclose(mixed["loss_mask"][:4], sft["loss_mask"])
   # Average SFT row: 3 loss tokens; the pretraining row's 8 tokens weigh 3 in all.
   np.testing.assert_allclose(mixed["loss_mask"][4], np.full(8, 3 / 8))
-  assert mixed["loss_mask"][4:].sum() / mixed["loss_mask"].sum() == 0.2  # 1 row of 5.
+  share = float(mixed["loss_mask"][4:].sum() / mixed["loss_mask"].sum())
+  assert share == pytest.approx(0.2)  # 1 row of 5.
+  ints = sft_extras._concat_rows(  # pylint: disable=protected-access
+      dict(sft, loss_mask=sft["loss_mask"].astype(np.int32)),
+      dict(ptx, loss_mask=ptx["loss_mask"].astype(np.int32)))
+  np.testing.assert_allclose(ints["loss_mask"][4], np.full(8, 3 / 8))

@@ -40,7 +40,7 @@ SIGN_OFF = "I hope this helps."
 
 # Text a model appends after its answer: the paper's hallucination metadata.
 _TRAILERS = (
-    "I hope this helps.", "That is the answer.", "This was easy.",
+    SIGN_OFF, "That is the answer.", "This was easy.",
     "Is that right?", "and so on", "Thank you.", "Done.",
 )
 
@@ -107,8 +107,9 @@ class WorldConfig:
     if unknown:
       raise ValueError(f"unknown world options {sorted(unknown)}; known: "
                        f"{[f.name for f in dataclasses.fields(cls)]}")
-    if not 0.0 <= float(d.get("sign_off", 0.0)) <= 1.0:
-      raise ValueError(f"sign_off must be in [0, 1], got {d['sign_off']}")
+    if not isinstance(d.get("sign_off", 0.0), (int, float)) or not (
+        0.0 <= d.get("sign_off", 0.0) <= 1.0):
+      raise ValueError(f"sign_off must be a number in [0, 1], got {d['sign_off']!r}")
     bad = [f for f in cls(**d).family_names if f not in FAMILIES]
     if bad:
       raise ValueError(f"unknown world families {bad}; known: {list(FAMILIES)}")
@@ -247,6 +248,8 @@ class World:
   def __init__(self, config: WorldConfig = WorldConfig()):
     if not 2 <= config.k_min <= config.k_max:
       raise ValueError(f"need 2 <= k_min <= k_max, got {config}")
+    if not 0.0 <= config.sign_off <= 1.0:
+      raise ValueError(f"sign_off must be in [0, 1], got {config.sign_off}")
     self.config = config
 
   def _rng(self, *stream: Any) -> np.random.Generator:
