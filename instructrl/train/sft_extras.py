@@ -39,10 +39,10 @@ def _concat_rows(a, b):
   loss is a close approximation of the single-process one, not bit-equal.
   """
   if "loss_mask" in a:
-    sft_w, ptx_w = float(a["loss_mask"].sum()), float(b["loss_mask"].sum())
+    sft_w, ptx_w = a["loss_mask"].sum(), b["loss_mask"].sum()
     scale = (sft_w / len(a["loss_mask"])) / (ptx_w / len(b["loss_mask"])) if ptx_w else 1.0
     a = dict(a, loss_mask=a["loss_mask"].astype(np.float32))
-    b = dict(b, loss_mask=b["loss_mask"].astype(np.float32) * np.float32(scale))
+    b = dict(b, loss_mask=(b["loss_mask"] * scale).astype(np.float32))
   return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
 
 
