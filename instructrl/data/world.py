@@ -95,6 +95,14 @@ class WorldConfig:
   families: str = ""
   sign_off: float = 0.0
 
+  def __post_init__(self):
+    if isinstance(self.sign_off, bool) or not isinstance(self.sign_off, (int, float)) or not (
+        0.0 <= self.sign_off <= 1.0):
+      raise ValueError(f"sign_off must be a number in [0, 1], got {self.sign_off!r}")
+    bad = [f for f in self.family_names if f not in FAMILIES]
+    if bad:
+      raise ValueError(f"unknown world families {bad}; known: {list(FAMILIES)}")
+
   @property
   def family_names(self) -> tuple[str, ...]:
     return tuple(f.strip() for f in self.families.split(",") if f.strip())
@@ -107,13 +115,7 @@ class WorldConfig:
     if unknown:
       raise ValueError(f"unknown world options {sorted(unknown)}; known: "
                        f"{[f.name for f in dataclasses.fields(cls)]}")
-    if not isinstance(d.get("sign_off", 0.0), (int, float)) or not (
-        0.0 <= d.get("sign_off", 0.0) <= 1.0):
-      raise ValueError(f"sign_off must be a number in [0, 1], got {d['sign_off']!r}")
-    bad = [f for f in cls(**d).family_names if f not in FAMILIES]
-    if bad:
-      raise ValueError(f"unknown world families {bad}; known: {list(FAMILIES)}")
-    return cls(**d)
+    return cls(**d)  # __post_init__ checks the values.
 
 
 def make_prompt(family: str, spec: dict[str, Any], template: int,
@@ -248,8 +250,6 @@ class World:
   def __init__(self, config: WorldConfig = WorldConfig()):
     if not 2 <= config.k_min <= config.k_max:
       raise ValueError(f"need 2 <= k_min <= k_max, got {config}")
-    if not 0.0 <= config.sign_off <= 1.0:
-      raise ValueError(f"sign_off must be in [0, 1], got {config.sign_off}")
     self.config = config
 
   def _rng(self, *stream: Any) -> np.random.Generator:
@@ -285,11 +285,11 @@ class World:
     The writer's habit has its own random stream, so it changes no other
     data of the world.
     """
-    rng = self._rng(split, "sign_off")
-    chatty = rng.random(len(self.prompts("sft", split))) < self.config.sign_off
+    prompts = self.prompts("sft", split)
+    chatty = self._rng(split, "sign_off").random(len(prompts)) < self.config.sign_off
     return [common.Demo(p.text, f"{p.reference} {SIGN_OFF}" if c else p.reference,
                         f"world:sft:{split}:{i}")
-            for i, (p, c) in enumerate(zip(self.prompts("sft", split), chatty))]
+            for i, (p, c) in enumerate(zip(prompts, chatty))]
 
   @functools.lru_cache(maxsize=None)
   def comparisons(self, split: str) -> list[common.Comparison]:
