@@ -67,6 +67,9 @@ def summarise(prompts, by_model: dict[str, list[str]], baseline: str = "sft",
   `extra` adds per-model scalars computed on device (RM score, KL, tax).
   `sign_off`: also report the win rate with this suffix cut from both
   responses ("..._without_sign_off"): how much of a win is the answer itself.
+  Where `extra` has "heldout_lm_loss" for the baseline, each such model also
+  gets "lm_tax_vs_<baseline>", its loss minus the baseline's: the alignment
+  tax in nats per token (negative: the model's LM is better).
   """
   base = by_model[baseline]
   families = sorted({p.family for p in prompts})
@@ -94,6 +97,11 @@ def summarise(prompts, by_model: dict[str, list[str]], baseline: str = "sft",
           "n": len(idx)}
     entry.update((extra or {}).get(name, {}))
     report[name] = entry
+  base_lm = report[baseline].get("heldout_lm_loss")
+  if base_lm is not None:
+    for entry in report.values():
+      if entry.get("heldout_lm_loss") is not None:
+        entry[f"lm_tax_vs_{baseline}"] = entry["heldout_lm_loss"] - base_lm
   return report
 
 
@@ -105,21 +113,27 @@ def _mean(xs) -> float:
 def table(report: dict, baseline: str = "sft") -> str:
   """The short summary table printed at the end of the pipeline."""
   cut = f"win_rate_vs_{baseline}_without_sign_off"
+  tax = f"lm_tax_vs_{baseline}"
   has_cut = any(cut in e for e in report.values())
-  cols = ("model", f"win vs {baseline} [95% CI]") + (("sign-off cut",) if has_cut else ()) + (
-      "gold u", "RM score", "KL to SFT", "heldout LM loss", "halluc.", "constr.")
+  has_tax = any(tax in e for e in report.values())
+  cut_col = ("sign-off cut",) if has_cut else ()
+  tax_col = (f"LM tax vs {baseline}",) if has_tax else ()
+  cols = (("model", f"win vs {baseline} [95% CI]") + cut_col +
+          ("gold u", "RM score", "KL to SFT", "heldout LM loss") + tax_col +
+          ("halluc.", "constr."))
   rows = [cols]
   for name, e in report.items():
     w = e[f"win_rate_vs_{baseline}"]
     rows.append((name, f"{w['rate']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}]") +
                 ((_fmt(e.get(cut, {}).get("rate")),) if has_cut else ()) +
                 (f"{e['gold_utility']:.3f}", _fmt(e.get("rm_score")),
-                 _fmt(e.get("kl_to_sft")), _fmt(e.get("heldout_lm_loss")),
-                 f"{e['hallucination_rate']:.3f}",
+                 _fmt(e.get("kl_to_sft")), _fmt(e.get("heldout_lm_loss"))) +
+                ((_fmt(e.get(tax), "+.3f"),) if has_tax else ()) +
+                (f"{e['hallucination_rate']:.3f}",
                  f"{e['constraint_violation_rate']:.3f}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def _fmt(x) -> str:
-  return "-" if x is None else f"{x:.3f}"
+def _fmt(x, spec: str = ".3f") -> str:
+  return "-" if x is None else format(x, spec)

@@ -34,3 +34,23 @@ def test_the_sign_off_cut_judges_the_answers_alone():
   assert evaluation.strip_suffix(f"x{world.SIGN_OFF}", world.SIGN_OFF) == f"x{world.SIGN_OFF}"
   assert evaluation.strip_suffix(world.SIGN_OFF, world.SIGN_OFF) == ""
   assert "without_sign_off" not in str(evaluation.summarise(prompts, {"sft": sft}, "sft"))
+
+
+def test_the_lm_tax_is_each_models_heldout_loss_minus_the_baselines():
+  prompts = world.World(world.WorldConfig(families="count", validation=10,
+                                          test=10)).prompts("prompts", "test")
+  answers = [p.reference for p in prompts]
+  by_model = {"sft": answers, "ppo": answers, "ppo_ptx": answers}
+  extra = {"sft": {"heldout_lm_loss": 4.0}, "ppo": {"heldout_lm_loss": 4.25},
+           "ppo_ptx": {"heldout_lm_loss": 3.9}}
+  report = evaluation.summarise(prompts, by_model, "sft", extra)
+  assert report["sft"]["lm_tax_vs_sft"] == 0.0
+  assert report["ppo"]["lm_tax_vs_sft"] == pytest.approx(0.25)
+  assert report["ppo_ptx"]["lm_tax_vs_sft"] == pytest.approx(-0.1)
+  lines = evaluation.table(report).splitlines()
+  assert "LM tax vs sft" in lines[0]
+  assert "+0.250" in lines[2] and "-0.100" in lines[3]
+  # Without the baseline's loss there is nothing to subtract from.
+  report = evaluation.summarise(prompts, by_model, "sft", {"ppo": extra["ppo"]})
+  assert "lm_tax_vs_sft" not in report["ppo"]
+  assert "LM tax" not in evaluation.table(report)
