@@ -72,6 +72,7 @@ def summarise(prompts, by_model: dict[str, list[str]], baseline: str = "sft",
   tax in nats per token (negative: the model's LM is better).
   """
   base = by_model[baseline]
+  base_cut = [strip_suffix(r, sign_off) for r in base] if sign_off else None
   families = sorted({p.family for p in prompts})
   report = {}
   for name, responses in by_model.items():
@@ -81,7 +82,7 @@ def summarise(prompts, by_model: dict[str, list[str]], baseline: str = "sft",
              "gold_utility": _mean([u for _, u, _ in judged])}
     if sign_off:
       cut = judge_against(prompts, [strip_suffix(r, sign_off) for r in responses],
-                          [strip_suffix(r, sign_off) for r in base])
+                          base_cut)
       entry[f"win_rate_vs_{baseline}_without_sign_off"] = win_rate([o for o, _, _ in cut])
     for key in ("correct", "hallucination", "constraint_violation"):
       entry[key + "_rate"] = _mean([m[key] for m in meta])
@@ -111,27 +112,34 @@ def _mean(xs) -> float:
 
 
 def table(report: dict, baseline: str = "sft") -> str:
-  """The short summary table printed at the end of the pipeline."""
+  """The short summary table printed at the end of the pipeline.
+
+  The sign-off cut and LM tax columns appear only when some model has them.
+  """
   cut = f"win_rate_vs_{baseline}_without_sign_off"
   tax = f"lm_tax_vs_{baseline}"
-  has_cut = any(cut in e for e in report.values())
-  has_tax = any(tax in e for e in report.values())
-  cut_col = ("sign-off cut",) if has_cut else ()
-  tax_col = (f"LM tax vs {baseline}",) if has_tax else ()
-  cols = (("model", f"win vs {baseline} [95% CI]") + cut_col +
-          ("gold u", "RM score", "KL to SFT", "heldout LM loss") + tax_col +
-          ("halluc.", "constr."))
-  rows = [cols]
-  for name, e in report.items():
+
+  def ci(e):
     w = e[f"win_rate_vs_{baseline}"]
-    rows.append((name, f"{w['rate']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}]") +
-                ((_fmt(e.get(cut, {}).get("rate")),) if has_cut else ()) +
-                (f"{e['gold_utility']:.3f}", _fmt(e.get("rm_score")),
-                 _fmt(e.get("kl_to_sft")), _fmt(e.get("heldout_lm_loss"))) +
-                ((_fmt(e.get(tax), "+.3f"),) if has_tax else ()) +
-                (f"{e['hallucination_rate']:.3f}",
-                 f"{e['constraint_violation_rate']:.3f}"))
-  widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    return f"{w['rate']:.3f} [{w['lo']:.3f}, {w['hi']:.3f}]"
+
+  columns = [  # (header, cell of a report entry, shown only if this key is present)
+      (f"win vs {baseline} [95% CI]", ci, None),
+      ("sign-off cut", lambda e: _fmt(e.get(cut, {}).get("rate")), cut),
+      ("gold u", lambda e: _fmt(e["gold_utility"]), None),
+      ("RM score", lambda e: _fmt(e.get("rm_score")), None),
+      ("KL to SFT", lambda e: _fmt(e.get("kl_to_sft")), None),
+      ("heldout LM loss", lambda e: _fmt(e.get("heldout_lm_loss")), None),
+      (f"LM tax vs {baseline}", lambda e: _fmt(e.get(tax), "+.3f"), tax),
+      ("halluc.", lambda e: _fmt(e["hallucination_rate"]), None),
+      ("constr.", lambda e: _fmt(e["constraint_violation_rate"]), None),
+  ]
+  columns = [c for c in columns
+             if c[2] is None or any(c[2] in e for e in report.values())]
+  rows = [("model",) + tuple(h for h, _, _ in columns)]
+  rows += [(name,) + tuple(cell(e) for _, cell, _ in columns)
+           for name, e in report.items()]
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
