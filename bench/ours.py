@@ -3,8 +3,8 @@
 Each builder returns a `Case` whose step is exactly what a training stage
 runs per step: `steps.jit_step(train_step)` for SFT and RM, `make_sampler`
 for sampling, and for PPO-ptx the stage's own wiring
-(`instructrl.train.ppo._jit_rollout` + the jitted, state-donating
-`ppo.learn`). The PPO phases are also compiled one by one (sample / score /
+(`instructrl.stages.ppo.jit_rollout` + `jit_learn`, the state-donating
+`rl.learner.learn`). The PPO phases are also compiled one by one (sample / score /
 reference+value+GAE / learn) to show where an iteration's time goes; those
 split programs exist only here, the stage runs the fused rollout.
 """
@@ -18,13 +18,13 @@ import numpy as np
 
 from bench.common import Case, Shape
 from instructrl import mesh as mesh_lib
-from instructrl import ppo as ppo_lib
-from instructrl import rollout as rollout_lib
+from instructrl.rl import learner as ppo_lib
+from instructrl.rl import rollout as rollout_lib
 from instructrl import steps
 from instructrl.model import LanguageModel, ModelConfig, ScalarModel
 from instructrl.model.sharded import init_sharded
 from instructrl.sampling import SampleConfig, make_sampler
-from instructrl.train import ppo as ppo_stage
+from instructrl.stages import ppo as ppo_stage
 
 LM_KEYS = {"tokens": 2, "targets": 2, "loss_mask": 2, "segment_ids": 2, "positions": 2}
 RM_KEYS = {"tokens": 3, "positions": 3, "segment_ids": 3, "ranks": 2, "valid": 2}
@@ -139,21 +139,14 @@ class PPOBench:
                                 ptx_coef=27.8 if s.ptx_rows else 0.0)
     self.txs = {n: steps.make_optimizer(1e-5, 10_000, 10, schedule="constant")
                 for n in ("policy", "value")}
-    p_sh = steps.state_shardings(sh_lm, self.txs["policy"], sft, mesh)
-    v_sh = steps.state_shardings(sh_sc, self.txs["value"], rm, mesh)
-    rep = mesh_lib.replicated(mesh)
-    state_sh = {"params": sh_lm, "opt_state": p_sh["opt_state"], "value_params": sh_sc,
-                "value_opt_state": v_sh["opt_state"], "ema": sh_lm, "kl_coef": rep,
-                "step": rep}
-    self.state = ppo_stage.initial_state(self.frozen, self.txs, 0.02, state_sh, mesh)
+    state_sh = ppo_stage.state_shardings(sh_lm, sh_sc, sft, rm, self.txs, mesh)
+    init = functools.partial(ppo_lib.init_state, policy_tx=self.txs["policy"],
+                             value_tx=self.txs["value"], kl_coef=0.02)
+    self.state = mesh_lib.jit(init, mesh, out_shardings=state_sh)(sft, rm)
     frozen_sh = {"ref": sh_lm, "rm": sh_sc}
-    self.rollout = ppo_stage._jit_rollout(self.graphdefs, frozen_sh, state_sh, mesh,
-                                          self.rc)  # pylint: disable=protected-access
-    # As run_ppo_stage jits it: state donated, so no copy of params/Adam.
-    self.learn = jax.jit(functools.partial(ppo_lib.learn, graphdefs=self.graphdefs,
-                                           txs=self.txs, cfg=self.pc),
-                         in_shardings=(state_sh, None, None, rep, rep),
-                         out_shardings=(state_sh, rep), donate_argnums=(0,))
+    self.rollout = ppo_stage.jit_rollout(self.graphdefs, self.rc, frozen_sh, state_sh,
+                                         mesh)
+    self.learn = ppo_stage.jit_learn(self.graphdefs, self.txs, self.pc, state_sh, mesh)
     b = prompt_batch(s)
     self.prompts = mesh_lib.put_batch(b, mesh)
     self.ptx = None
@@ -163,11 +156,10 @@ class PPOBench:
     self._split_programs(sh_lm, sh_sc)
 
   def iteration(self):
-    """What run_ppo_stage's step_fn does per iteration."""
-    with jax.set_mesh(self.mesh):
-      key = jax.random.fold_in(self.rng, self.state["step"])
-      exp, rm = self.rollout(self.frozen, self.state, self.prompts, key)
-      self.state, lm = self.learn(self.state, exp, self.ptx, self.rng, rm["kl"])
+    """What stages.ppo.run's step_fn does per iteration."""
+    key = jax.random.fold_in(self.rng, self.state["step"])
+    exp, rm = self.rollout(self.frozen, self.state, self.prompts, key)
+    self.state, lm = self.learn(self.state, exp, self.ptx, self.rng, rm["kl"])
     jax.block_until_ready((self.state, lm, rm))
 
   def _split_programs(self, sh_lm, sh_sc):
@@ -191,9 +183,8 @@ class PPOBench:
     box = {}
 
     def sample():
-      with jax.set_mesh(self.mesh):
-        out = self.sampler(self.state["params"], self.prompts["prompt_tokens"],
-                           self.prompts["prompt_mask"], self.rng)
+      out = self.sampler(self.state["params"], self.prompts["prompt_tokens"],
+                         self.prompts["prompt_mask"], self.rng)
       box["out"] = jax.block_until_ready(out)
 
     def score():
@@ -208,9 +199,8 @@ class PPOBench:
           box["score"], self.state["kl_coef"]))
 
     def learn():
-      with jax.set_mesh(self.mesh):
-        self.state, m = self.learn(self.state, box["exp"], self.ptx, self.rng,
-                                   jnp.float32(0.0))
+      self.state, m = self.learn(self.state, box["exp"], self.ptx, self.rng,
+                                 jnp.float32(0.0))
       jax.block_until_ready((self.state, m))
     return {"ppo_sample": sample, "ppo_score": score, "ppo_ref_value": ref_value,
             "ppo_learn": learn}

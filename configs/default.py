@@ -28,11 +28,10 @@ def get_config(arg: str = ""):
   c.seed = 0
   c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
-  # The world: three of the nine families, the ones where this 1M-parameter
-  # model's SFT answers earn something (docs/design.md: on the other six they
-  # score 0, so no stage could differ there). Demonstration writers sign off
-  # 80% of their answers with "I hope this helps.", which every labeler
-  # group ranks lower (docs/data.md). families="" restores all nine.
+  # families: the three of nine where this 1M-parameter model's SFT answers
+  # score above 0 (experiments.md: R2026-11-27-f, F4); families="" is all nine.
+  # sign_off: writers end 80% of demonstrations with "I hope this helps.",
+  # which every labeler group ranks lower (docs/data.md; experiments.md: G3).
   c.data = mlc.ConfigDict(dict(
       vocab="default", on_error="raise", cache_dir="",
       world=dict(seed=0, sft=3000, rm=1000, ppo=2000, validation=300, test=300,
@@ -40,8 +39,8 @@ def get_config(arg: str = ""):
 
   c.model = mlc.ConfigDict(dict(
       vocab_size=0, num_layers=4, d_model=128, num_heads=4, num_kv_heads=None,
-      # max_len 160 (was 128): the 1-shot eval prompt outgrew 104 tokens. It
-      # sizes the position table, so bases pretrained at 128 do not load.
+      # max_len 160: fits the 1-shot eval prompt (up to 128 tokens) plus 24 new
+      # tokens. It sizes the position table: a base with another max_len won't load.
       head_dim=None, d_ff=None, max_len=160, style="gpt", tie_embeddings=True,
       dropout_rate=0.0, norm_eps=1e-5, rope_theta=10000.0, dtype="float32",
       param_dtype="float32", scan_layers=False, remat_policy="none",
@@ -51,17 +50,13 @@ def get_config(arg: str = ""):
   c.pretrain = _lm_stage(data="corpus", steps=300, batch_size=16, seq_len=128,
                          lr=2e-3, warmup_steps=50, eval_every=200)
   # Stage 1: SFT on demonstrations (the paper: cosine to 10%, best model by
-  # validation loss). seq_len 72: the sign-off makes the longest demo 65
-  # tokens. No dropout, unlike the paper's 0.2:
-  # dropout's random masks cost a third of a CPU step, and longer training
-  # was measured to memorise rather than generalise (docs/design.md).
-  # epochs 2 and ptx_frac: the paper's PPO-init SFT (2 epochs, pretraining
-  # rows mixed in, each weighted as an average SFT row). ptx_frac 0.3, not
-  # the paper's 0.1: this base is undertrained, and with 10% SFT lost 0.28
-  # nats of held-out corpus loss (4.62 -> 4.91), which PPO-ptx then won
-  # back past SFT; with 30% SFT keeps most of the base's LM (4.69) at the
-  # same validation gold utility (0.165 vs 0.164), so PPO's tax is measured
-  # against a nearly intact LM, as in the paper (docs/design.md).
+  # validation loss). seq_len 72: the longest demo, sign-off included, is 65 tokens.
+  # No dropout (the paper: 0.2): its masks cost a third of a CPU step, and
+  # longer training memorises (experiments.md: R2026-11-26-a, R2026-11-27-e).
+  # epochs 2 with pretraining rows (each weighted as an average SFT row): the
+  # paper's PPO-init SFT (experiments.md: N1).
+  # ptx_frac 0.3, not the paper's 0.1: keeps this undertrained base's LM at the
+  # same val utility, so PPO's tax shows (experiments.md: R2026-11-27-j, N1).
   # select_rm: "rm" or a params path to keep the checkpoint with the best
   # RM score on validation prompts (else val loss).
   c.sft = _lm_stage(data="world", init="pretrain", epochs=2.0, batch_size=32,
@@ -70,12 +65,10 @@ def get_config(arg: str = ""):
                     select_prompt_len=64, select_new_tokens=24)
   # Stage 2: the reward model from SFT weights; Eq. 1 over all C(K,2) pairs,
   # one epoch as in the paper (Appendix C.2: more overfits).
-  # candidates: "world" (hand-made variants of the reference) or "sft"
-  # (labellers rank the SFT model's own samples, topped up with the world's
-  # where they tie; train/rm_data.py). "sft", as in the paper: on the world's
-  # variants (which append trailers, the sign-off among them, to the
-  # reference more often than to wrong answers) the RM learned that a
-  # sign-off marks a right answer, and PPO then added sign-offs.
+  # candidates: "sft" (labellers rank the SFT model's samples, topped up with the
+  # world's where they tie; stages/rm_data.py) or "world" (hand-made variants).
+  # "sft", as in the paper: on the world's variants the RM reads a sign-off as a
+  # right answer and PPO adds sign-offs (experiments.md: G1, G2).
   c.rm = _lm_stage(data="world", init="sft", epochs=1.0, batch_size=16, seq_len=80,
                    lr=5e-4, warmup_steps=10, eval_every=50, heldout_group=4, demo_data="world",
                    demo_batches=8, candidates="sft", sample_temperature=1.0,
@@ -83,18 +76,12 @@ def get_config(arg: str = ""):
 
   # Stage 3: PPO and PPO-ptx (the paper, Appendix C.4; sizes scaled down).
   # minibatch 8 of 64 episodes: the paper's 8 updates per iteration (512/64).
-  # lr 1.5e-4 x 240 updates = 0.036. The paper's ~4,000 updates (256k
-  # episodes / 64) over its swept lr 2.55e-6..2.55e-5 give 0.010..0.10
-  # (plain PPO stable to 8.05e-6: 0.032). The old 3e-5 x 120 = 0.004 taught
-  # the labelers' preference but moved the policy too little to cost any
-  # LM. beta 0.2, not 0.02: at 0.02-0.1 this policy traded right answers
-  # for ones this small RM cannot tell from right; 0.2 and 0.3 were
-  # compared on validation gold utility over two seeds (0.349/0.346 vs
-  # 0.346/0.282, within seed noise). gamma 0.5, not 27.8: our token-mean
-  # ptx loss at gamma >= 1 outweighs the RL gradient and keeps pretraining
-  # an undertrained base; with the 3-epoch SFT at beta 0.3, validation gold
-  # utility was 0.347 (gamma 0.5), 0.339 (1), 0.325 (10), and 0.5 beat 0.2
-  # (0.346 vs 0.313) with this SFT. docs/design.md has the runs.
+  # lr 1.5e-4 x 240 updates = 0.036, inside the paper's 0.010..0.10, and enough
+  # movement to show an alignment tax (experiments.md: P1, E1-E5).
+  # kl_coef (beta) 0.2: at 0.02-0.1 PPO trades right answers for wrong ones the
+  # RM rates right; 0.2 > 0.3 on val (experiments.md: G1-G3, N1, R2026-11-27-k).
+  # ptx_coef (gamma) 0.5, not the paper's 27.8: our token-mean ptx loss at >= 1
+  # outweighs the RL gradient; 0.5 had the best val utility (experiments.md: Q1, N1).
   c.ppo = mlc.ConfigDict(dict(
       data="world", ptx_data="corpus", iterations=30, batch_size=64,
       minibatch_size=8, epochs=1, lr=1.5e-4, value_lr=3e-5, warmup_iterations=10,

@@ -13,7 +13,7 @@ Every config starts from `configs/default.py` (its full key structure, so the
 training code finds every key it reads) and overrides the model, the stages
 with the paper's numbers (Appendix C; `shared/reference`), and adds:
 
-  config.tpu       the TPU slice the config targets (instructrl.aot compiles
+  config.tpu       the TPU slice the config targets (instructrl.tools.aot compiles
                    for it): topology, chip_config_name, chips_per_host_bounds,
                    num_slices.
   config.rm_model  the reward/value model's shape. The paper uses one 6B RM
@@ -92,8 +92,10 @@ def base(size: str, stage: str) -> mlc.ConfigDict:
   c.data.update(vocab=f"sentencepiece:{DATA}/tokenizer.model", on_error="skip")
   paper = PAPER[size]
   # Appendix C.1: 16 epochs, residual dropout 0.2, cosine to 10% (steps.py's
-  # end_lr_frac), no warmup; the best model by validation.
+  # end_lr_frac), no warmup; the best model by validation. No pretraining
+  # rows: the paper's 10% mix is for the 2-epoch PPO-init SFT only.
   c.sft.update(data=f"jsonl:{DATA}/sft.jsonl", init=f"{CKPT}/gpt3-{size}",
+               ptx_frac=0.0, ptx_data=f"text:{DATA}/pretrain.txt",
                epochs=16.0, dropout=0.2, warmup_steps=0, seq_len=CONTEXT,
                lr=paper["sft_lr"], batch_size=paper["sft_batch_size"],
                log_every=10, save_every=200, eval_every=100, eval_batches=16)
@@ -107,7 +109,7 @@ def base(size: str, stage: str) -> mlc.ConfigDict:
   # Appendix C.3-C.4: 256k episodes of batch 512 (500 iterations), minibatch
   # 64, one epoch, clip 0.2, beta 0.02, ptx gamma 27.8 with 8x as many
   # pretraining rows as episodes, constant LR after 10 warmup iterations,
-  # EMA 0.992, no discount (train/ppo.py fixes gamma=1), temperature 1
+  # EMA 0.992, no discount (stages/ppo.py fixes gamma=1), temperature 1
   # (RolloutConfig's default). Value model from the 6B RM (LR: PAPER). The
   # policy LR is not in our reference notes: we use the SFT LR, inside the
   # paper's sweep (2.55e-6 .. 2.55e-5). GAE lambda is not reported; 0.95
@@ -139,7 +141,7 @@ def runlocal(c: mlc.ConfigDict) -> None:
   Stage sizes and data come from default.py:tiny (the miniature world, byte
   vocabulary); the model keeps the full config's switches (scan, remat, bf16
   on fp32) at a tiny shape; the TPU target becomes a 4-chip v5p slice, so
-  `instructrl.aot` on a runlocal config compiles in seconds.
+  `instructrl.tools.aot` on a runlocal config compiles in seconds.
   """
   tiny = _load_default().get_config("tiny")
   for key in ("data", "pretrain", "sft", "rm", "ppo", "eval"):

@@ -1,7 +1,7 @@
 """PPO-ptx of the 175B SFT policy against the 6B RM (the paper, Appendix C.3-4).
 
     python -m instructrl.main --config=configs/ppo_ptx_175b.py --workdir=DIR
-    python -m instructrl.aot --config=configs/ppo_ptx_175b.py
+    python -m instructrl.tools.aot --config=configs/ppo_ptx_175b.py
     python -m instructrl.main --config=configs/ppo_ptx_175b.py:runlocal --workdir=/tmp/p
 
 Target: v5p-1024 (512 chips, 128 hosts): FSDP 64 x tensor 8, so a minibatch

@@ -1,7 +1,7 @@
 """PPO-ptx of the 1.3B SFT policy against the 6B RM (the paper, Appendix C.3-4).
 
     python -m instructrl.main --config=configs/ppo_ptx_1p3b.py --workdir=DIR
-    python -m instructrl.aot --config=configs/ppo_ptx_1p3b.py
+    python -m instructrl.tools.aot --config=configs/ppo_ptx_1p3b.py
     python -m instructrl.main --config=configs/ppo_ptx_1p3b.py:runlocal --workdir=/tmp/p
 
 Four models: the 1.3B policy (+ its EMA) and frozen SFT reference, the

@@ -1,7 +1,7 @@
 """PPO-ptx of the 6.7B SFT policy against the 6B RM (the paper, Appendix C.3-4).
 
     python -m instructrl.main --config=configs/ppo_ptx_6b.py --workdir=DIR
-    python -m instructrl.aot --config=configs/ppo_ptx_6b.py
+    python -m instructrl.tools.aot --config=configs/ppo_ptx_6b.py
     python -m instructrl.main --config=configs/ppo_ptx_6b.py:runlocal --workdir=/tmp/p
 
 Target: v5p-128 (64 chips, 16 hosts), FSDP: a minibatch of 64 episodes is

@@ -1,7 +1,7 @@
 """The 6B reward model on ranked comparisons (the paper, Appendix C.2).
 
     python -m instructrl.main --config=configs/rm_6b.py --workdir=DIR
-    python -m instructrl.aot --config=configs/rm_6b.py
+    python -m instructrl.tools.aot --config=configs/rm_6b.py
     python -m instructrl.main --config=configs/rm_6b.py:runlocal --workdir=/tmp/r
 
 One 6B RM serves every policy size, as in the paper (175B RMs were

@@ -1,7 +1,7 @@
 """SFT of GPT-3 175B on labeler demonstrations (the paper, Appendix C.1).
 
     python -m instructrl.main --config=configs/sft_175b.py --workdir=DIR
-    python -m instructrl.aot --config=configs/sft_175b.py
+    python -m instructrl.tools.aot --config=configs/sft_175b.py
     python -m instructrl.main --config=configs/sft_175b.py:runlocal --workdir=/tmp/s
 
 Target: v5p-512 (256 chips, 64 hosts). The paper's batch of 8 rows caps the

@@ -1,7 +1,7 @@
 """SFT of GPT-3 1.3B on labeler demonstrations (the paper, Appendix C.1).
 
     python -m instructrl.main --config=configs/sft_1p3b.py --workdir=DIR
-    python -m instructrl.aot --config=configs/sft_1p3b.py
+    python -m instructrl.tools.aot --config=configs/sft_1p3b.py
     python -m instructrl.main --config=configs/sft_1p3b.py:runlocal --workdir=/tmp/s
 
 Target: v5p-16 (8 chips, 2 hosts), FSDP over the 8 chips: batch 32 is 4

@@ -1,7 +1,7 @@
 """SFT of GPT-3 6.7B on labeler demonstrations (the paper, Appendix C.1).
 
     python -m instructrl.main --config=configs/sft_6b.py --workdir=DIR
-    python -m instructrl.aot --config=configs/sft_6b.py
+    python -m instructrl.tools.aot --config=configs/sft_6b.py
     python -m instructrl.main --config=configs/sft_6b.py:runlocal --workdir=/tmp/s
 
 Target: v5p-64 (32 chips, 8 hosts), FSDP over the 32 chips: batch 32 is one

@@ -8,30 +8,53 @@ orbax items, written together and committed atomically:
           `ocp.args.StandardSave` as a plain nested dict (see below).
   data/   the data iterator state, a small JSON dict (`ocp.args.JsonSave`).
   meta/   a JSON dict for everything else: config JSON text, stage name,
-          RNG (`encode_rng`), best metric...
+          RNG (`encode_rng`)...
+and, for a step saved with `metrics`, orbax's own `metrics/` item (a JSON
+dict of floats) that its preservation policy ranks checkpoints by.
 
 No pickle anywhere: arrays go to tensorstore/OCDBT, the rest is JSON.
 
 Atomicity comes from orbax on POSIX: a step is written to
 `<step>.orbax-checkpoint-tmp*` and renamed only once complete, so a process
 killed mid-save (even SIGKILL) leaves a tmp directory that `latest_step`
-never reports; the next `Checkpointer` on the directory deletes it.
+never reports; the next `Checkpointer` on the directory deletes it (before
+its constructor returns).
+
+Which steps are saved and which are kept is orbax's policy, not ours:
+`save_decision_policy` = every `save_every` steps (`FixedIntervalPolicy`) or
+at a jax preemption sync point (`PreemptionCheckpointingPolicy`); and
+`preservation_policy` = the latest `max_to_keep` (`LatestN`) plus, with
+`best_metric`, the one best checkpoint by that metric (`BestN`, n=1), either
+one sufficing (`AnyPreservationPolicy`). Checkpoints saved without metrics
+are kept by recency only.
 
 API:
   ckpt = Checkpointer(directory, max_to_keep=3, save_every=100,
-                      async_save=True)
+                      async_save=True, best_metric=None, best_mode="min")
+      max_to_keep: None (keep all) or >= 1; save_every >= 1; best_mode
+      "min" or "max" (else ValueError).
   ckpt.latest_step() -> int | None
   ckpt.all_steps() -> list[int]
-  ckpt.save(step, state, data_state=..., meta=None, force=False) -> bool
-      True if a save started. Saves when step % save_every == 0 or `force`,
-      never twice for one step; raises FloatingPointError (writing nothing)
-      if a floating leaf of `state` is NaN/Inf.
+  ckpt.best_step() -> int | None
+      The kept step whose metrics[best_metric] is best (the latest one on a
+      tie); None without best_metric or if no kept checkpoint carried it.
+  ckpt.save(step, state, data_state=..., meta=None, metrics=None,
+            force=False) -> bool
+      True if a save started. Saves when the policy says so (step %
+      save_every == 0, or a preemption sync point) or `force`, never twice
+      for one step nor behind the latest one (a forced final save of a step
+      just saved periodically returns False). `metrics` (str -> finite
+      float) are stored with the checkpoint; with `best_metric` set they
+      must contain it, and the best such checkpoint is kept besides the
+      latest `max_to_keep`, whatever their order. Raises
+      FloatingPointError (writing nothing) if a floating leaf of `state` is
+      NaN/Inf.
   ckpt.restore(step=None, abstract_state=...) -> (state, data_state, meta)
       Latest step when `step` is None. Returns `state` with the exact tree
       structure (nnx Variables and their metadata included) and the
       shardings of `abstract_state`; orbax reads each shard straight onto
       its device, also into a mesh layout other than the saved one.
-  ckpt.wait()    # pending async saves committed, leftover tmp dirs gone
+  ckpt.wait()    # pending async saves committed, pruned steps deleted
   ckpt.close()   # wait() + release; also a context manager. Call it (or
                  # wait) before exiting, else the last async save is lost
                  # (cleanly: it never becomes a step).
@@ -55,6 +78,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Mapping
 
@@ -181,7 +205,7 @@ def abstract_like(state, shardings=None, default_sharding=None):
     state: live arrays or an eval_shape'd tree (nnx Variables are kept, with
       their metadata, so the restored tree has the same structure).
     shardings: optional tree of the same structure with a Sharding per leaf
-      (e.g. `mesh.state_shardings(...)`); else each leaf's own `.sharding`.
+      (e.g. `mesh.param_shardings(...)`); else each leaf's own `.sharding`.
     default_sharding: for leaves without one (numpy arrays, Python scalars,
       eval_shape without shardings); defaults to the first local device.
   """
@@ -225,27 +249,115 @@ def _check_json(name: str, obj) -> None:
     raise TypeError(f"checkpoint: {name} must be a JSON dict: {e}") from e
 
 
+
+_policies = ocp.checkpoint_managers
+
+# orbax logs this on every save without metrics once metrics are stored at
+# all (its `best_fn` set); here such saves are the normal periodic ones.
+_NO_METRICS_WARNING = "Requested `tracked_metric`; did not provide metrics."
+
+
+class _DropNoMetricsWarning(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.msg != _NO_METRICS_WARNING
+
+
+def _install_log_filter() -> None:
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropNoMetricsWarning)
+             for f in absl_logger.filters):
+    absl_logger.addFilter(_DropNoMetricsWarning())
+
+
+def _remove_tmp_dirs(directory: epath.Path) -> None:
+  """Deletes what killed saves left (`<step>.orbax-checkpoint-tmp*`).
+
+  orbax's own `cleanup_tmp_directories` runs in a background thread that only
+  its save() awaits (wait_until_finished/close do not), so it is done here,
+  synchronously, with orbax's public tmp-path finder; on the primary process
+  only, like orbax: the manager's init barrier orders it before any save.
+  """
+  if jax.process_index() != 0 or not directory.exists():
+    return
+  for tmp in ocp.path.step.all_temporary_paths(directory):
+    path = tmp.get()
+    logging.info("checkpoint: removing unfinished save %s", path)
+    path.rmtree()
+
+
 class Checkpointer:
-  """Keeps the last `max_to_keep` checkpoints of one run; see module doc."""
+  """Checkpoints of one run, saved and kept by orbax policies; see module doc."""
 
   def __init__(self, directory, *, max_to_keep: int | None = 3,
-               save_every: int = 100, async_save: bool = True):
+               save_every: int = 100, async_save: bool = True,
+               best_metric: str | None = None, best_mode: str = "min"):
     if save_every < 1:
       raise ValueError(f"save_every must be >= 1, got {save_every}")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     directory = os.fspath(directory)
     if "://" not in directory:
       directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
     self.save_every = int(save_every)
+    self.best_metric = best_metric
+    self.best_mode = best_mode
+    keep = _policies.LatestN(n=max_to_keep)
+    if best_metric is not None:
+      keep = _policies.AnyPreservationPolicy([keep, _policies.BestN(
+          get_metric_fn=self._metric_key,
+          # BestN keeps the last n of sorted(..., reverse=reverse).
+          reverse=best_mode == "min",
+          n=1,
+          # Else every checkpoint saved without metrics is kept forever.
+          keep_checkpoints_without_metrics=False,
+      )])
+    _remove_tmp_dirs(self.directory)
+    _install_log_filter()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
+        save_decision_policy=_policies.AnySavePolicy([
+            _policies.FixedIntervalPolicy(self.save_every),
+            _policies.PreemptionCheckpointingPolicy(),
+        ]),
+        preservation_policy=keep,
+        # orbax writes `metrics` only when best_fn is set; it ranks nothing
+        # (preservation_policy decides) and best_step() is ours.
+        best_fn=self._metric_key,
+        best_mode=best_mode,
         enable_async_checkpointing=async_save,
-        # Leftovers of a killed save are never read; free their space.
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=False,  # done above, see _remove_tmp_dirs
         create=True,
     )
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options, item_names=(_STATE, _DATA, _META))
+    # step -> metrics[best_metric], for saved steps that carried it.
+    self._best_values: dict[int, float] = {}
+    if best_metric is not None:
+      for step in self._mngr.all_steps():
+        value = self._metric_value(self._mngr.metrics(step))
+        if value is not None:
+          self._best_values[step] = value
+
+  def _metric_value(self, metrics) -> float | None:
+    if not isinstance(metrics, Mapping) or self.best_metric not in metrics:
+      return None
+    try:
+      value = float(metrics[self.best_metric])
+    except (TypeError, ValueError):
+      return None
+    return value if math.isfinite(value) else None
+
+  def _metric_key(self, metrics) -> float:
+    """Rank for BestN: a checkpoint without the metric ranks worst."""
+    if self.best_metric is None:
+      return 0.0
+    value = self._metric_value(metrics)
+    if value is None:
+      return math.inf if self.best_mode == "min" else -math.inf
+    return value
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -253,32 +365,57 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
 
+  def best_step(self) -> int | None:
+    """The kept step with the best metrics[best_metric] (latest on a tie)."""
+    steps = set(self._mngr.all_steps())
+    kept = [(v if self.best_mode == "max" else -v, step)
+            for step, v in self._best_values.items() if step in steps]
+    return max(kept)[1] if kept else None
+
   def save(self, step: int, state, *, data_state: Mapping[str, Any],
-           meta: Mapping[str, Any] | None = None, force: bool = False) -> bool:
+           meta: Mapping[str, Any] | None = None,
+           metrics: Mapping[str, float] | None = None,
+           force: bool = False) -> bool:
     """Starts an (async) save of one checkpoint; True if it did.
 
-    Skips steps that are not multiples of `save_every` (unless `force`) and
-    steps at or before the latest checkpoint (e.g. the final forced save of a
-    step that was just saved periodically). The blocking part copies arrays
-    to host, so `state` may be donated or changed as soon as this returns.
+    Saves the steps orbax's save decision policy picks (multiples of
+    `save_every`, a preemption sync point), or any step with `force`; never
+    a step at or before the latest checkpoint (e.g. the final forced save of
+    a step that was just saved periodically). The blocking part copies
+    arrays to host, so `state` may be donated or changed as soon as this
+    returns.
 
     Raises:
       FloatingPointError: a floating leaf of `state` is NaN/Inf; nothing is
         written, so the latest checkpoint stays a good one to resume from.
+      ValueError: `metrics` lack `best_metric`.
+      TypeError: data_state, meta or metrics are not JSON (metrics: finite
+        floats).
     """
     step = int(step)
-    if not force and step % self.save_every:
-      return False
-    latest = self.latest_step()
-    if latest is not None and step <= latest:
-      if force and step < latest:
-        logging.warning("checkpoint: not saving step %d, before latest %d",
-                        step, latest)
+    if force:
+      latest = self.latest_step()
+      if latest is not None and step <= latest:
+        if step < latest:
+          logging.warning("checkpoint: not saving step %d, before latest %d",
+                          step, latest)
+        return False
+    elif not self._mngr.should_save(step):
       return False
     meta = dict(meta or {})
     data_state = dict(data_state)
     _check_json("data_state", data_state)
     _check_json("meta", meta)
+    if metrics is not None:
+      try:
+        metrics = {str(k): float(v) for k, v in metrics.items()}
+      except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint: metrics must map names to floats: {e}"
+                        ) from e
+      _check_json("metrics", metrics)
+      if self.best_metric is not None and self.best_metric not in metrics:
+        raise ValueError(f"checkpoint: metrics {sorted(metrics)} lack "
+                         f"best_metric {self.best_metric!r}")
     bad = nonfinite_leaves(state)
     if bad:
       more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
@@ -287,11 +424,20 @@ class Checkpointer:
           f"refusing to checkpoint step {step}: non-finite values in {shown}")
     flat, _ = _flatten(state)
     disk = _nest((path, _to_disk(_raw(leaf))) for path, leaf in flat)
-    return self._mngr.save(step, force=True, args=ocp.args.Composite(**{
-        _STATE: ocp.args.StandardSave(disk),
-        _DATA: ocp.args.JsonSave(data_state),
-        _META: ocp.args.JsonSave(meta),
-    }))
+    # The decision was made above (orbax's force=True skips a second
+    # should_save; it never overwrites a step).
+    saved = self._mngr.save(step, force=True, metrics=metrics,
+                            args=ocp.args.Composite(**{
+                                _STATE: ocp.args.StandardSave(disk),
+                                _DATA: ocp.args.JsonSave(data_state),
+                                _META: ocp.args.JsonSave(meta),
+                            }))
+    if saved and self.best_metric is not None and metrics is not None:
+      self._best_values[step] = metrics[self.best_metric]
+    kept = set(self._mngr.all_steps())
+    self._best_values = {s: v for s, v in self._best_values.items()
+                         if s in kept}
+    return saved
 
   def restore(self, step: int | None = None, *, abstract_state):
     """Returns (state, data_state, meta) of `step` (default: the latest).
@@ -324,14 +470,11 @@ class Checkpointer:
     return state, dict(out[_DATA] or {}), dict(out[_META] or {})
 
   def wait(self) -> None:
-    """Blocks until pending saves are committed and old ones pruned."""
+    """Blocks until pending saves are committed and old ones pruned.
+
+    No tmp-dir cleanup to await: the constructor already did it.
+    """
     self._mngr.wait_until_finished()
-    # orbax removes leftover tmp dirs in a background thread that only its
-    # save() awaits; wait for it too so a restart leaves a tidy directory.
-    await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory",
-                            None)
-    if await_cleanup is not None:
-      await_cleanup()
 
   def close(self) -> None:
     self.wait()

@@ -1,7 +1,7 @@
 """Entry point: `python -m instructrl.main --config=configs/X.py --workdir=DIR`.
 
 Kept thin on purpose (nanodo): parse flags, build the mesh, dispatch on
-`config.stage`. The stages live in `instructrl.train`; user mistakes end in
+`config.stage`. The stages live in `instructrl.stages`; user mistakes end in
 one line on stderr and exit code 2, not a traceback.
 """
 import difflib
@@ -21,7 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                           "Experiment config file[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir", "Checkpoints, metrics, results.")
-# Multi-process runs (instructrl/distributed.py): explicit values, else the
+# Multi-process runs (instructrl/tools/distributed.py): explicit values, else the
 # JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID environment, else
 # a cluster jax detects (TPU VM, SLURM, Open MPI), else one process.
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
@@ -47,13 +47,13 @@ def main(argv):
   del argv
   # orbax logs every save at INFO; our own progress lines are enough.
   logging.set_verbosity(logging.WARNING)
-  from instructrl.train import pipeline  # pylint: disable=g-import-not-at-top
+  from instructrl.stages import runner  # pylint: disable=g-import-not-at-top
   try:
     config = _CONFIG.value
     config.get("stage")  # A config file that failed to load raises here.
   except OSError as e:
     _fail(f"--config: {e}", 2)
-  from instructrl import distributed  # pylint: disable=g-import-not-at-top
+  from instructrl.tools import distributed  # pylint: disable=g-import-not-at-top
   try:
     if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                               _PROCESS_ID.value, _DISTRIBUTED.value):
@@ -61,8 +61,8 @@ def main(argv):
   except ValueError as e:
     _fail(f"--distributed: {e}", 2)
   try:
-    pipeline.run(config, _WORKDIR.value)
-  except pipeline.USER_ERRORS as e:
+    runner.run(config, _WORKDIR.value)
+  except runner.user_errors() as e:
     _fail(e, 2)
   except FloatingPointError as e:
     _fail(e, 3)

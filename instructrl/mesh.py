@@ -14,7 +14,7 @@ instead, as maxtext and t5x do (see docs/design.md).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -137,7 +137,7 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def state_shardings(state, mesh: Mesh):
+def param_shardings(state, mesh: Mesh):
   """NamedShardings for an (abstract) nnx.State, from its `logical_axes`."""
   mesh_shape = dict(mesh.shape)
 
@@ -149,6 +149,47 @@ def state_shardings(state, mesh: Mesh):
     return v.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape,
                                                          mesh_shape)))
   return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+class Jitted:
+  """`jax.jit(fn, **jit_kwargs)` that runs, and lowers, under `jax.set_mesh`.
+
+  The model's `constrain` calls only take effect with a mesh set, so every
+  program that runs a model is jitted through `jit` below: calling it runs
+  the compiled program, `lower(*abstract_args)` is what the AOT planner
+  compiles, and `jitted` is the underlying `jax.jit` object.
+  """
+
+  def __init__(self, fn: Callable, mesh: Mesh, **jit_kwargs):
+    self.fn, self.mesh = fn, mesh
+    self.jitted = jax.jit(fn, **jit_kwargs)
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+
+def jit(fn: Callable, mesh: Mesh, **jit_kwargs) -> Jitted:
+  """The one way this project jits a program under a mesh (see `Jitted`)."""
+  return Jitted(fn, mesh, **jit_kwargs)
+
+
+class Program(NamedTuple):
+  """A jitted program and abstract arguments it can be lowered with.
+
+  `args` are `jax.ShapeDtypeStruct` pytrees carrying the shardings a real
+  call passes: `fn.lower(*args).compile()` is the program a stage runs,
+  compiled without any parameters in memory (the AOT planner).
+  """
+  fn: Jitted
+  args: tuple
+
+  def lower(self):
+    return self.fn.lower(*self.args)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

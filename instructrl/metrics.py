@@ -2,7 +2,8 @@
 
   writer = MetricsWriter(workdir, "sft")      # workdir/metrics.jsonl and
                                               # workdir/tb/sft/events.out...
-  writer.write_config(config_dict)            # tb/sft/config.json + text
+  writer.write_config(config_dict)            # tb/sft/config.json, text,
+                                              # hparams
   host = to_host(metrics)                     # one device_get per log step
   check_finite(host, step)                    # FloatingPointError on NaN loss
   writer.write(step, host)
@@ -16,13 +17,16 @@ named in a "nonfinite" list, so every line stays valid JSON. Each line is
 written whole and flushed, so a killed process leaves at most one partial
 last line, which the next writer truncates on open.
 
-TensorBoard files (scalars, and the config as text) are written by hand,
-without TensorFlow: see `instructrl.tb_events`.
+TensorBoard event files go to workdir/tb/<stage>/ through tensorboardX (no
+TensorFlow): one scalar per numeric metric and step, the config as text, and
+the config's scalar leaves (nested keys joined with ".") as hyperparameters
+for TensorBoard's HParams tab, all in that one run directory.
 
 Only process 0 writes (multi-host), unless `active` says otherwise.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -33,12 +37,8 @@ from typing import Any, Mapping, TextIO
 
 import jax
 import numpy as np
-
-# EventFileWriter is used here; the rest is re-exported, as it lived here
-# before the event encoding got its own module.
-from instructrl.tb_events import (  # pylint: disable=unused-import
-    EventFileWriter, crc32c, encode_event, masked_crc32c, scalar_summary,
-    text_summary, tfrecord)
+import tensorboardX
+from tensorboardX import summary as tbx_summary
 
 # --- Host values. ------------------------------------------------------------
 
@@ -117,6 +117,30 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
   return out
 
 
+# --- TensorBoard. -------------------------------------------------------------
+
+# Event file names carry `.<pid>.<n>`: tensorboardX names files by the second
+# and host only and opens them "wb", so two writers for one stage in the same
+# second (a quick restart, a resume) would otherwise clobber each other.
+_EVENT_FILES = itertools.count()
+
+
+def _hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """The scalar leaves (int/float/bool/str) of a nested config, keys joined
+  with "."; lists, None and other values are left out."""
+  out = {}
+  for k, v in config.items():
+    name = f"{prefix}{k}"
+    if isinstance(v, Mapping):
+      out.update(_hparams(v, name + "."))
+      continue
+    if isinstance(v, np.generic):
+      v = v.item()
+    if isinstance(v, (bool, int, float, str)):
+      out[name] = v
+  return out
+
+
 class MetricsWriter:
   """Logs one stage's metrics to workdir/metrics.jsonl and TensorBoard."""
 
@@ -128,14 +152,18 @@ class MetricsWriter:
     self.tb_dir = os.path.join(os.fspath(workdir), "tb", stage)
     self._start = time.monotonic()
     self._f = None
-    self._events = None
+    self._tb = None
     if not self.active:
       return
     os.makedirs(workdir, exist_ok=True)
     _repair_torn_tail(self.path)
     self._f = open(self.path, "a", encoding="utf-8")
     if tensorboard:
-      self._events = EventFileWriter(self.tb_dir)
+      # flush_secs=1: tensorboardX's writer thread puts queued events on disk
+      # within a second, so a killed process loses at most the last second.
+      self._tb = tensorboardX.SummaryWriter(
+          logdir=self.tb_dir, flush_secs=1,
+          filename_suffix=f".{os.getpid()}.{next(_EVENT_FILES)}")
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
     """Logs scalars for `step`; returns the JSON record (also when inactive)."""
@@ -154,15 +182,16 @@ class MetricsWriter:
       # One write of a whole line, then flush: a crash tears at most the end.
       self._f.write(json.dumps(record, allow_nan=False) + "\n")
       self._f.flush()
-    if self._events is not None:
-      numeric = {k: float(v) for k, v in host.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
-      self._events.scalars(int(step), numeric, wall_time=now)
+    if self._tb is not None:
+      for k, v in host.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, float(v), int(step), walltime=now)
     return record
 
   def write_config(self, config: Mapping[str, Any] | str,
                    step: int = 0) -> None:
-    """Saves the config as tb/<stage>/config.json and a TensorBoard text."""
+    """Saves the config as tb/<stage>/config.json, a TensorBoard text and
+    hyperparameters (a JSON string config is parsed for those)."""
     if not self.active:
       return
     text = config if isinstance(config, str) else json.dumps(
@@ -171,18 +200,33 @@ class MetricsWriter:
     path = os.path.join(self.tb_dir, "config.json")
     with open(path, "w", encoding="utf-8") as f:
       f.write(text + "\n")
-    if self._events is not None:
-      # Indented lines render as preformatted text in the markdown view.
-      self._events.text(step, "config", "\n".join(
-          "    " + line for line in text.splitlines()))
+    if self._tb is None:
+      return
+    # Indented lines render as preformatted text in the markdown view.
+    self._tb.add_text("config", "\n".join(
+        "    " + line for line in text.splitlines()), int(step))
+    if isinstance(config, str):
+      try:
+        config = json.loads(config)
+      except ValueError:
+        config = None
+    hparams = _hparams(config) if isinstance(config, Mapping) else {}
+    if hparams:
+      # Only the session-start summary, in this run's own directory (not
+      # add_hparams' timestamped sub-run). No experiment summary: TensorBoard
+      # uses the first one it finds verbatim, so one stage's (with no metrics)
+      # would hide the other stages' hparams; without it, it gathers the
+      # hparams of every stage's run and their scalars as metrics.
+      _, session_start, _ = tbx_summary.hparams(hparams, {})
+      self._tb.file_writer.add_summary(session_start, int(step))
 
   def close(self) -> None:
     if self._f is not None:
       self._f.close()
       self._f = None
-    if self._events is not None:
-      self._events.close()
-      self._events = None
+    if self._tb is not None:
+      self._tb.close()  # writes what is queued, flushes, closes the file
+      self._tb = None
 
   def __enter__(self) -> MetricsWriter:
     return self

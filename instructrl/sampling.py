@@ -147,7 +147,8 @@ def _constrain_cache(cache):
           "valid": mesh_lib.constrain(cache["valid"], ("act_batch", "act_len"))}
 
 
-def make_sampler(graphdef, param_shardings, sc: SampleConfig, mesh: Mesh):
+def make_sampler(graphdef, param_shardings, sc: SampleConfig,
+                 mesh: Mesh) -> mesh_lib.Jitted:
   """A jitted `fn(params, prompt_tokens, prompt_mask, key) -> SampleOutput`.
 
   Sharded like the model: rows over (data, fsdp), heads over tensor. jax
@@ -160,11 +161,5 @@ def make_sampler(graphdef, param_shardings, sc: SampleConfig, mesh: Mesh):
 
   def fn(params, prompt_tokens, prompt_mask, key):
     return sample(graphdef, params, prompt_tokens, prompt_mask, key, sc)
-  jitted = jax.jit(fn, in_shardings=(param_shardings, rows, rows, rep),
-                   out_shardings=out_shardings)
-
-  def run(params, prompt_tokens, prompt_mask, key):
-    with jax.set_mesh(mesh):
-      return jitted(params, prompt_tokens, prompt_mask, key)
-  run.jitted = jitted
-  return run
+  return mesh_lib.jit(fn, mesh, in_shardings=(param_shardings, rows, rows, rep),
+                      out_shardings=out_shardings)

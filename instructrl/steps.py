@@ -2,7 +2,8 @@
 
 Steps are module-level functions; their static parts (graphdef, optimizer,
 microbatch count) are bound with `functools.partial`, and `jit_step` compiles
-them once with explicit in/out shardings and the state donated. The state is
+them once (through `mesh.jit`) with explicit in/out shardings and the state
+donated. The state is
 a plain dict pytree {"params", "opt_state", "step"}, so orbax saves it as is.
 
 The RNG passed to a step is folded with the step number inside, so a resumed
@@ -10,8 +11,7 @@ run draws exactly the dropout masks an uninterrupted run would have.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ from flax import nnx
 
 from instructrl import losses
 from instructrl import mesh as mesh_lib
+from instructrl.model.sharded import abstract
 
 State = dict[str, Any]
 
@@ -74,26 +75,39 @@ def _split_micro(batch, n: int):
   return jax.tree.map(one, batch)
 
 
-def accumulate_grads(loss_fn: Callable, params, batch, rng, num_micro: int):
+class LossFn(NamedTuple):
+  """A loss and how much one batch weighs in it.
+
+  `fn(params, batch, rng) -> (loss, metrics)`; `weight(batch)` is the
+  batch's share of the full-batch loss (tokens for the LM loss, prompts for
+  Eq. 1), by which `accumulate_grads` combines microbatches. Without a
+  weight, microbatches count equally.
+  """
+  fn: Callable
+  weight: Callable | None = None
+
+
+def accumulate_grads(loss: LossFn, params, batch, rng, num_micro: int):
   """Mean loss/grads over `num_micro` microbatches with `lax.scan`.
 
   With equal-weight microbatches this equals the full-batch gradient of a
   loss that is itself a mean over rows; the LM loss weights by token count,
-  so each microbatch's loss is scaled by its share of the tokens ("weight").
+  so each microbatch's loss is scaled by its share of the tokens
+  (`loss.weight`).
   """
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_fn = jax.value_and_grad(loss.fn, has_aux=True)
   if num_micro == 1:
     (_, metrics), grads = grad_fn(params, batch, rng)
     return grads, metrics
   micro = _split_micro(batch, num_micro)
-  total_w = jnp.sum(jax.vmap(lambda b: loss_fn.weight(b))(micro)) if hasattr(
-      loss_fn, "weight") else None
+  total_w = (None if loss.weight is None
+             else jnp.sum(jax.vmap(loss.weight)(micro)))
 
   def body(carry, xs):
     mb, i = xs
     key = None if rng is None else jax.random.fold_in(rng, i)
     (_, m), g = grad_fn(params, mb, key)
-    w = (loss_fn.weight(mb) / total_w) if total_w is not None else 1.0 / num_micro
+    w = (loss.weight(mb) / total_w) if total_w is not None else 1.0 / num_micro
     acc_g, acc_m = carry
     acc_g = jax.tree.map(lambda a, b: a + w * b, acc_g, g)
     acc_m = jax.tree.map(lambda a, b: a + w * b, acc_m, m)
@@ -108,14 +122,13 @@ def accumulate_grads(loss_fn: Callable, params, batch, rng, num_micro: int):
   return grads, metrics
 
 
-def lm_loss_fn(graphdef):
+def lm_loss_fn(graphdef) -> LossFn:
   """Masked next-token loss (pretraining, SFT, and PPO-ptx's pretraining term)."""
   def fn(params, batch, rng):
     logits, _ = nnx.merge(graphdef, params)(
         batch["tokens"], batch["positions"], batch["segment_ids"], dropout_key=rng)
     return losses.masked_lm_loss(logits, batch["targets"], batch["loss_mask"])
-  fn.weight = lambda batch: jnp.sum(batch["loss_mask"])
-  return fn
+  return LossFn(fn, lambda batch: jnp.sum(batch["loss_mask"]))
 
 
 def rm_scores(graphdef, params, batch, rng=None):
@@ -132,16 +145,15 @@ def rm_scores(graphdef, params, batch, rng=None):
   return r.reshape(p, k)
 
 
-def rm_loss_fn(graphdef):
+def rm_loss_fn(graphdef) -> LossFn:
   """The paper's Eq. 1 over all pairs of each prompt in the batch."""
   def fn(params, batch, rng):
     scores = rm_scores(graphdef, params, batch, rng)
     return losses.ranking_loss(scores, batch["ranks"], batch["valid"])
-  fn.weight = lambda batch: jnp.sum(jnp.any(batch["valid"], axis=1))
-  return fn
+  return LossFn(fn, lambda batch: jnp.sum(jnp.any(batch["valid"], axis=1)))
 
 
-def train_step(state: State, batch, rng, *, loss_fn, tx, num_micro: int = 1,
+def train_step(state: State, batch, rng, *, loss_fn: LossFn, tx, num_micro: int = 1,
                use_dropout: bool = True):
   """One optimizer update; grads accumulated over microbatches inside."""
   key = jax.random.fold_in(rng, state["step"]) if use_dropout else None
@@ -154,27 +166,27 @@ def train_step(state: State, batch, rng, *, loss_fn, tx, num_micro: int = 1,
           "step": state["step"] + 1}, metrics
 
 
-def jit_step(step_fn: Callable, state_shardings, mesh, batch_ndims: dict[str, int]):
-  """jit with explicit shardings and the state donated.
+def batch_shardings(mesh, batch_ndims: dict[str, int]) -> dict:
+  """Rows split over the data axes, for each named batch leaf of that rank."""
+  return {k: mesh_lib.batch_sharding(mesh, n) for k, n in batch_ndims.items()}
+
+
+def jit_step(step_fn: Callable, state_shardings, mesh,
+             batch_ndims: dict[str, int]) -> mesh_lib.Jitted:
+  """`mesh_lib.jit` of a step with explicit shardings and the state donated.
 
   `batch_ndims` names each batch leaf and its rank; rows split over the data
-  axes. Returns a callable that sets the mesh while tracing.
+  axes.
   """
-  batch_sh = {k: mesh_lib.batch_sharding(mesh, n) for k, n in batch_ndims.items()}
   rep = mesh_lib.replicated(mesh)
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
-
-  @functools.wraps(step_fn)
-  def run(state, batch, rng):
-    with jax.set_mesh(mesh):
-      return jitted(state, batch, rng)
-  run.jitted = jitted
-  return run
+  return mesh_lib.jit(step_fn, mesh,
+                      in_shardings=(state_shardings, batch_shardings(mesh, batch_ndims),
+                                    rep),
+                      out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
-def state_shardings(param_shardings, tx, abstract_params, mesh) -> State:
-  """Shardings for {"params", "opt_state", "step"}.
+def opt_state_shardings(param_shardings, tx, abstract_params, mesh):
+  """Shardings of `tx.init(params)`.
 
   Optimizer leaves shaped like a parameter (Adam's mu and nu) take that
   parameter's sharding, matched by key-path suffix; scalars (counts, the
@@ -192,8 +204,14 @@ def state_shardings(param_shardings, tx, abstract_params, mesh) -> State:
     if leaf.ndim:
       raise ValueError(f"optimizer leaf {key} {leaf.shape} matches no parameter")
     return rep
-  opt = jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, abstract_params))
-  return {"params": param_shardings, "opt_state": opt, "step": rep}
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, abstract_params))
+
+
+def train_state_shardings(param_shardings, tx, abstract_params, mesh) -> State:
+  """Shardings for the train state {"params", "opt_state", "step"}."""
+  return {"params": param_shardings,
+          "opt_state": opt_state_shardings(param_shardings, tx, abstract_params, mesh),
+          "step": mesh_lib.replicated(mesh)}
 
 
 def create_train_state(model_cls, cfg, tx, mesh, seed: int = 0, params=None):
@@ -201,17 +219,28 @@ def create_train_state(model_cls, cfg, tx, mesh, seed: int = 0, params=None):
 
   With `params` (e.g. restored SFT weights) only the optimizer state is new.
   """
-  from instructrl.model.sharded import abstract  # pylint: disable=g-import-not-at-top
   graphdef, abstract_params = abstract(model_cls, cfg)
-  p_sh = mesh_lib.state_shardings(abstract_params, mesh)
-  s_sh = state_shardings(p_sh, tx, abstract_params, mesh)
-  with jax.set_mesh(mesh):
-    if params is None:
-      init = jax.jit(lambda key: init_state(
-          nnx.split(model_cls(cfg, nnx.Rngs(key)))[1], tx), out_shardings=s_sh)
-      state = init(jax.random.key(seed))
-    else:
-      init = jax.jit(lambda p: init_state(p, tx), in_shardings=(p_sh,),
-                     out_shardings=s_sh)
-      state = init(params)
+  p_sh = mesh_lib.param_shardings(abstract_params, mesh)
+  s_sh = train_state_shardings(p_sh, tx, abstract_params, mesh)
+  if params is None:
+    init = mesh_lib.jit(lambda key: init_state(
+        nnx.split(model_cls(cfg, nnx.Rngs(key)))[1], tx), mesh, out_shardings=s_sh)
+    state = init(jax.random.key(seed))
+  else:
+    init = mesh_lib.jit(lambda p: init_state(p, tx), mesh, in_shardings=(p_sh,),
+                        out_shardings=s_sh)
+    state = init(params)
   return graphdef, state, s_sh
+
+
+def abstract_train_state(abstract_params, tx, shardings: State) -> State:
+  """The train state as `jax.ShapeDtypeStruct`s carrying `shardings`: what
+  a step is lowered with when no parameters exist (the AOT planner)."""
+  state = jax.eval_shape(lambda p: init_state(p, tx), abstract_params)
+  return with_shardings(state, shardings)
+
+
+def with_shardings(tree, shardings):
+  """Abstract arrays of `tree`'s shapes and dtypes with `shardings`."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)

@@ -8,7 +8,7 @@
 #
 # One process per node sees all of that node's GPUs. `node` sets
 # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, which
-# instructrl/distributed.py passes to jax.distributed.initialize; run it on
+# instructrl/tools/distributed.py passes to jax.distributed.initialize; run it on
 # every node with its own rank (rank 0 on the coordinator's host). `ssh`
 # does exactly that from one machine, over ssh to each host in order, and
 # waits for all of them. Under SLURM use launch/gpu.sbatch instead (jax

@@ -11,7 +11,7 @@
 #
 # `run` starts `python -m instructrl.main ARGS` on every worker at once; each
 # worker is one JAX process and jax.distributed finds the others by itself
-# (instructrl/distributed.py). The workdir must be one directory that every
+# (instructrl/tools/distributed.py). The workdir must be one directory that every
 # worker sees (e.g. a Filestore or GCS FUSE mount): orbax writes each
 # checkpoint cooperatively from all of them.
 #

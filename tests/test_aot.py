@@ -15,8 +15,9 @@ import jax
 import pytest
 
 from instructrl import config_files
-from instructrl import aot
 from instructrl import mesh as mesh_lib
+from instructrl.stages import sft_extras
+from instructrl.tools import aot
 from instructrl.model import LanguageModel, ModelConfig
 from instructrl.model.sharded import abstract
 
@@ -109,6 +110,12 @@ def tpu_host() -> None:
   aot.quiet_libtpu()
 
 
+def sft_rows(c, data_parallel: int = 4) -> int:
+  """Rows of SFT's step: demonstrations plus the pretraining rows mixed in."""
+  return c.sft.batch_size + sft_extras.ptx_rows(c.sft.batch_size, c.sft.ptx_frac,
+                                                data_parallel)
+
+
 def small_config():
   """runlocal, widened so that TPU tile padding is ~1% of the bytes."""
   c = load("sft_1p3b", "runlocal")
@@ -138,7 +145,7 @@ def test_compile_for_a_tpu_slice(tpu_rows):
   state_bytes = 3 * 4 * cfg.num_params()
   assert state_bytes / 4 <= row["argument_bytes"] < 1.1 * state_bytes / 4
   assert state_bytes / 4 <= row["alias_bytes"] <= row["argument_bytes"]
-  tokens = c.sft.batch_size * c.sft.seq_len
+  tokens = sft_rows(c) * c.sft.seq_len  # The planner compiles the stage's step.
   flops = 3 * aot.forward_flops(cfg, tokens, c.sft.seq_len) / 4
   assert row["model_flops_per_chip"] == pytest.approx(flops)
   assert row["step_s_at_mfu"] == pytest.approx(flops / (0.5 * 459e12))
@@ -151,10 +158,10 @@ def test_argument_bytes_are_the_shards(tpu_rows):
   c = small_config()
   mesh = mesh_lib.make_mesh(dict(c.mesh), aot.topology_devices(c.tpu))
   _, params = abstract(LanguageModel, ModelConfig.from_dict(dict(c.model)))
-  shardings = mesh_lib.state_shardings(params, mesh)
+  shardings = mesh_lib.param_shardings(params, mesh)
   shard_bytes = sum(4 * math.prod(s.shard_shape(p.shape)) for p, s in zip(
       jax.tree.leaves(params), jax.tree.leaves(shardings)))
-  batch_bytes = 5 * 4 * c.sft.batch_size * c.sft.seq_len / 4
+  batch_bytes = 5 * 4 * sft_rows(c) * c.sft.seq_len / 4
   want = 3 * shard_bytes + batch_bytes
   # XLA:TPU pads arrays to its tiles: a few percent at this size.
   assert want <= row["argument_bytes"] <= 1.05 * want

@@ -112,14 +112,14 @@ def test_restore_onto_other_mesh_reshards(tmp_path):
   model = Tiny(nnx.Rngs(1))
   _, params = nnx.split(model, nnx.Param)
   one = mesh_lib.make_mesh({"fsdp": 1}, devices[:1])
-  params = jax.device_put(params, mesh_lib.state_shardings(params, one))
+  params = jax.device_put(params, mesh_lib.param_shardings(params, one))
   state = {"params": params, "step": jnp.asarray(3)}
   with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ckpt:
     ckpt.save(3, state, data_state={})
     ckpt.wait()
 
   eight = mesh_lib.make_mesh({"fsdp": 8})
-  shardings = {"params": mesh_lib.state_shardings(params, eight),
+  shardings = {"params": mesh_lib.param_shardings(params, eight),
                "step": mesh_lib.replicated(eight)}
   target = ckpt_lib.abstract_like(state, shardings)
   with ckpt_lib.Checkpointer(tmp_path) as ckpt:
@@ -306,3 +306,180 @@ def test_sigkill_during_async_save_leaves_a_good_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(state["b"]), float(step))
   # The interesting case (kill while orbax was writing) did happen.
   assert killed_mid_write >= 1
+
+
+def test_save_every_is_the_policy_and_force_saves_skipped_steps(tmp_path):
+  x = jnp.zeros((3,))
+  with ckpt_lib.Checkpointer(tmp_path, max_to_keep=None, save_every=2) as ckpt:
+    saved = [s for s in range(1, 7)
+             if ckpt.save(s, {"x": x + s}, data_state={"s": s})]
+    assert saved == [2, 4, 6]  # 1, 3, 5 skipped
+    # A forced step the policy would skip (the final one, an eval step).
+    assert ckpt.save(7, {"x": x + 7}, data_state={"s": 7}, force=True)
+    # The forced final save of a step already saved is a no-op...
+    assert not ckpt.save(7, {"x": x}, data_state={"s": -1}, force=True)
+    assert not ckpt.save(6, {"x": x}, data_state={"s": -1}, force=True)
+    # ... and so is one behind the latest (never saved: 5 was skipped).
+    assert not ckpt.save(5, {"x": x}, data_state={"s": -1}, force=True)
+    assert ckpt.save(8, {"x": x + 8}, data_state={"s": 8})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 4, 6, 7, 8]
+    _, ds, _ = ckpt.restore(7, abstract_state=ckpt_lib.abstract_like({"x": x}))
+    assert ds == {"s": 7}  # not overwritten by the second forced save
+    # Without best_metric, metrics are stored but nothing is "best".
+    assert ckpt.save(10, {"x": x}, data_state={}, metrics={"val_loss": 1.0})
+    assert ckpt.best_step() is None
+
+
+def test_constructor_validates():
+  with pytest.raises(ValueError, match="save_every"):
+    ckpt_lib.Checkpointer("/nonexistent-unused", save_every=0)
+  with pytest.raises(ValueError, match="best_mode"):
+    ckpt_lib.Checkpointer("/nonexistent-unused", best_metric="x",
+                          best_mode="median")
+  with pytest.raises(ValueError, match="max_to_keep"):
+    ckpt_lib.Checkpointer("/nonexistent-unused", max_to_keep=0)
+
+
+# val_loss per step 1..6: best (lowest) at step 2, so that max_to_keep=2
+# keeps 5 and 6 by recency and 2 only because it is the best.
+_VAL_LOSS = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 2.5, 6: 2.0}
+
+
+def _best_run(directory, mode, steps, *, async_save=True, metrics_at=None):
+  """Saves `steps` ({"x": step}); returns the Checkpointer (open)."""
+  sign = 1.0 if mode == "min" else -1.0
+  ckpt = ckpt_lib.Checkpointer(directory, max_to_keep=2, save_every=1,
+                               best_metric="val_loss", best_mode=mode,
+                               async_save=async_save)
+  for s in steps:
+    metrics = None
+    if s in (metrics_at if metrics_at is not None else _VAL_LOSS):
+      metrics = {"val_loss": sign * _VAL_LOSS[s], "val_acc": 0.5}
+    assert ckpt.save(s, {"x": jnp.full((4,), float(s)),
+                         "n": jnp.arange(3) + s},
+                     data_state={"s": s}, meta={"m": s}, metrics=metrics)
+  return ckpt
+
+
+@pytest.mark.parametrize("mode,async_save", [("min", True), ("max", True),
+                                             ("min", False)])
+def test_keeps_best_by_metric_besides_latest(tmp_path, mode, async_save):
+  # With best_mode="max" the same run is saved with negated values, so the
+  # best is again step 2.
+  with _best_run(tmp_path, mode, range(1, 7), async_save=async_save) as ckpt:
+    assert ckpt.best_step() == 2
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 5, 6]
+    assert ckpt.latest_step() == 6
+    target = ckpt_lib.abstract_like({"x": jnp.zeros((4,)),
+                                     "n": jnp.zeros((3,), jnp.int32)})
+    state, ds, meta = ckpt.restore(2, abstract_state=target)
+  assert_bitwise_equal(state, {"x": jnp.full((4,), 2.0),
+                               "n": jnp.arange(3) + 2})
+  assert ds == {"s": 2} and meta == {"m": 2}
+  assert sorted(p.name for p in pathlib.Path(tmp_path).iterdir()
+                if p.name.isdigit()) == ["2", "5", "6"]
+
+
+def test_periodic_saves_without_metrics_are_kept_by_recency_only(tmp_path):
+  # Steps 7..10 carry no metrics (periodic saves between evaluations): the
+  # latest 2 of them are kept, the older ones pruned, the best survives.
+  with _best_run(tmp_path, "min", range(1, 11)) as ckpt:
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 9, 10]
+    assert ckpt.best_step() == 2
+  # No checkpoint carrying the metric: no best, recency only.
+  with _best_run(tmp_path / "none", "min", range(1, 5), metrics_at=()) as ckpt:
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 4]
+    assert ckpt.best_step() is None
+
+
+def test_metrics_must_carry_best_metric_and_be_finite(tmp_path):
+  with ckpt_lib.Checkpointer(tmp_path, save_every=1,
+                             best_metric="val_loss") as ckpt:
+    state = {"x": jnp.ones((2,))}
+    with pytest.raises(ValueError, match="val_loss"):
+      ckpt.save(1, state, data_state={}, metrics={"loss": 1.0})
+    with pytest.raises(TypeError, match="metrics"):
+      ckpt.save(1, state, data_state={}, metrics={"val_loss": float("nan")})
+    with pytest.raises(TypeError, match="metrics"):
+      ckpt.save(1, state, data_state={}, metrics={"val_loss": "low"})
+    assert ckpt.all_steps() == []
+    assert ckpt.save(1, state, data_state={},
+                     metrics={"val_loss": np.float32(0.5)})
+    ckpt.wait()
+    assert ckpt.best_step() == 1
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_best_survives_resume(tmp_path, mode):
+  _best_run(tmp_path, mode, range(1, 7)).close()
+  sign = 1.0 if mode == "min" else -1.0
+  with ckpt_lib.Checkpointer(tmp_path, max_to_keep=2, save_every=1,
+                             best_metric="val_loss", best_mode=mode) as ckpt:
+    assert ckpt.best_step() == 2  # read back from the stored metrics
+    assert ckpt.all_steps() == [2, 5, 6]
+    x = {"x": jnp.zeros((4,)), "n": jnp.zeros((3,), jnp.int32)}
+    ckpt.save(7, x, data_state={"s": 7})
+    ckpt.save(8, x, data_state={"s": 8}, metrics={"val_loss": sign * 1.5})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 7, 8]
+    assert ckpt.best_step() == 2
+    state, ds, _ = ckpt.restore(2, abstract_state=ckpt_lib.abstract_like(x))
+    assert ds == {"s": 2}
+    np.testing.assert_array_equal(state["x"], np.full((4,), 2.0))
+    # A new best replaces the old one, which then goes like any other.
+    ckpt.save(9, x, data_state={"s": 9}, metrics={"val_loss": sign * 0.5})
+    ckpt.wait()
+    assert ckpt.all_steps() == [8, 9]
+    assert ckpt.best_step() == 9
+  assert not (pathlib.Path(tmp_path) / "2").exists()
+
+
+_KILLED_SAVE = textwrap.dedent("""
+    import os, pathlib, signal, sys, time
+    import jax.numpy as jnp
+    from instructrl import checkpoint as ckpt_lib
+    d = pathlib.Path(sys.argv[1])
+    ckpt = ckpt_lib.Checkpointer(d, save_every=1)
+    ckpt.save(1, {"w": jnp.zeros((8,))}, data_state={"s": 1})
+    ckpt.wait()
+    # An async save of a big state; die as soon as it is under way.
+    ckpt.save(2, {"w": jnp.ones((4, 1024, 1024))}, data_state={"s": 2})
+    deadline = time.monotonic() + 30
+    while not any(".orbax-checkpoint-tmp" in p.name for p in d.iterdir()):
+      if (d / "2").exists() or time.monotonic() > deadline:
+        sys.exit(3)  # committed before it could be killed
+      time.sleep(0.0005)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("finish", ["open", "wait", "close"])
+def test_tmp_dir_of_a_killed_save_is_gone_after_next_open(tmp_path, finish):
+  pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
+             PYTHONPATH=pythonpath)
+  proc = subprocess.run([sys.executable, "-c", _KILLED_SAVE, str(tmp_path)],
+                        env=env, stderr=subprocess.PIPE, text=True,
+                        timeout=120)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+  assert _tmp_dirs(tmp_path), "the killed save left no tmp dir"
+  ckpt = ckpt_lib.Checkpointer(tmp_path, save_every=1)
+  if finish == "open":  # removed before the constructor returns
+    assert not _tmp_dirs(tmp_path)
+  assert ckpt.all_steps() == [1]
+  _, ds, _ = ckpt.restore(
+      abstract_state=ckpt_lib.abstract_like({"w": jnp.zeros((8,))}))
+  assert ds == {"s": 1}
+  # No save on this Checkpointer (orbax itself awaits its cleanup only
+  # there): the leftover is gone all the same.
+  getattr(ckpt, "close" if finish == "open" else finish)()
+  assert not _tmp_dirs(tmp_path)
+  if finish == "wait":
+    assert ckpt.save(2, {"w": jnp.ones((8,))}, data_state={"s": 2})
+    ckpt.close()
+    assert sorted(p.name for p in pathlib.Path(tmp_path).iterdir()
+                  if p.name.isdigit()) == ["1", "2"]

@@ -23,7 +23,7 @@ from instructrl import config_files
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel
 from instructrl.model.sharded import abstract
-from instructrl.train import common
+from instructrl.stages import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESH8 = ["--config.mesh.data=2", "--config.mesh.fsdp=2",
@@ -65,11 +65,11 @@ def tree_digest(workdir) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def finished_pretrain(tmp_path_factory):
   """A workdir whose pretrain stage is done (fresh params, exported)."""
-  from instructrl.train import stages  # pylint: disable=g-import-not-at-top
+  from instructrl.stages import inputs  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("cli") / "w"
-  cfg = stages.model_config(load_config())
+  cfg = inputs.model_config(load_config())
   params = nnx.split(LanguageModel(cfg, nnx.Rngs(0)))[1]
-  common.export(str(workdir), "pretrain", params,
+  loop.export(str(workdir), "pretrain", params,
                 {"stage": "pretrain", "steps": 0})
   return workdir, cfg, jax.tree.map(np.asarray, nnx.to_pure_dict(params))
 
@@ -77,8 +77,8 @@ def finished_pretrain(tmp_path_factory):
 def _assert_export_loads(workdir, cfg, expected) -> None:
   mesh = mesh_lib.make_mesh({"fsdp": -1}, jax.devices()[:1])
   _, abs_params = abstract(LanguageModel, cfg)
-  params = common.load_export(str(workdir), "pretrain", abs_params,
-                              mesh_lib.state_shardings(abs_params, mesh))
+  params = loop.load_export(str(workdir), "pretrain", abs_params,
+                              mesh_lib.param_shardings(abs_params, mesh))
   got = jax.tree.map(np.asarray, nnx.to_pure_dict(params))
   jax.tree.map(np.testing.assert_array_equal, got, expected)
 
@@ -107,6 +107,10 @@ CONFIG_ERRORS = {
                              "config.data.world"),
     "seq_len_over_max_len": (["--config.stage=sft", "--config.sft.seq_len=500",
                               *MESH8], "config.sft.seq_len"),
+    "negative_batch_size": (["--config.stage=sft", "--config.sft.batch_size=-4",
+                             *MESH8], "config.sft.batch_size"),
+    "zero_ppo_lr": (["--config.ppo.lr=0", *MESH8], "config.ppo.lr"),
+    "ptx_frac_of_one": (["--config.sft.ptx_frac=1.0", *MESH8], "config.sft.ptx_frac"),
     "unknown_variant": (["--config=configs/default.py:bogus"], "bogus"),
     "missing_config_file": (["--config=configs/nonexistent.py"],
                             "nonexistent.py"),
@@ -156,7 +160,7 @@ def test_nan_loss_halts_with_exit_3_and_no_bad_checkpoint(tmp_path):
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   lines = our_lines(proc.stderr)
   assert len(lines) == 1 and "non-finite loss" in lines[0], proc.stderr[-3000:]
-  assert not common.is_done(str(workdir), "pretrain")
+  assert not loop.is_done(str(workdir), "pretrain")
   assert not (workdir / "pretrain" / "export").exists()
   ckpt = workdir / "pretrain" / "ckpt"
   # The last good step (1) was committed in full before the halt; the

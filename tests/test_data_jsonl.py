@@ -179,12 +179,15 @@ def test_prompt_longer_than_the_maximum_length(tmp_path):
   path = _write(tmp_path / "p.jsonl", [{"prompt": "short"},
                                        {"prompt": "x" * 40}])
   with pytest.raises(common.DataError) as info:
-    pipeline.make_iterator("prompts", f"jsonl:{path}", batch_size=2,
-                           seq_len=32, vocab="byte")
+    pipeline.make_iterator("prompts", f"jsonl:{path}", seq_len=32,
+                           batching=pipeline.Batching(batch_size=2),
+                           read=pipeline.ReadOptions(vocab="byte"))
   assert str(info.value) == (f"{path}:2: the prompt is 40 tokens, longer than "
                              "the maximum prompt length 32")
-  it = pipeline.make_iterator("prompts", f"jsonl:{path}", batch_size=2,
-                              seq_len=32, vocab="byte", on_error="skip")
+  it = pipeline.make_iterator(
+      "prompts", f"jsonl:{path}", seq_len=32,
+      batching=pipeline.Batching(batch_size=2),
+      read=pipeline.ReadOptions(vocab="byte", on_error="skip"))
   assert it.info["skipped"] == 1 and it.num_examples == 1
   assert next(it)["prompt_id"].tolist() == [0, 0]
 
@@ -193,20 +196,23 @@ def test_sequences_longer_than_seq_len(tmp_path):
   sft = _write(tmp_path / "s.jsonl", [{"prompt": "ab", "completion": "c" * 9}])
   with pytest.raises(common.DataError, match=r"s.jsonl:1: prompt \+ completion"
                      r" \+ EOS is 12 tokens, longer than seq_len 8"):
-    pipeline.make_iterator("sft", f"jsonl:{sft}", batch_size=1, seq_len=8,
-                           vocab="byte")
+    pipeline.make_iterator("sft", f"jsonl:{sft}", seq_len=8,
+                           batching=pipeline.Batching(batch_size=1),
+                           read=pipeline.ReadOptions(vocab="byte"))
   rm = _write(tmp_path / "r.jsonl", [{"prompt": "p", "completions": list(
       "abcdefghij"), "ranks": list(range(10))}])
   with pytest.raises(common.DataError, match="K = 10 completions, more than "
                      "k_max = 9"):
-    pipeline.make_iterator("rm", f"jsonl:{rm}", batch_size=1, seq_len=8,
-                           vocab="byte")
+    pipeline.make_iterator("rm", f"jsonl:{rm}", seq_len=8,
+                           batching=pipeline.Batching(batch_size=1),
+                           read=pipeline.ReadOptions(vocab="byte"))
 
 
 def test_jsonl_batches_hold_the_right_tokens(tmp_path):
   path = _write(tmp_path / "c.jsonl", [GOOD])
-  it = pipeline.make_iterator("rm", f"jsonl:{path}", batch_size=1, seq_len=24,
-                              vocab="byte", k_max=4)
+  it = pipeline.make_iterator("rm", f"jsonl:{path}", seq_len=24,
+                              batching=pipeline.Batching(batch_size=1),
+                              read=pipeline.ReadOptions(vocab="byte"), k_max=4)
   b = next(it)
   assert b["ranks"].tolist() == [[0, 1, 1, np.iinfo(np.int32).max]]
   assert b["valid"].tolist() == [[True, True, True, False]]

@@ -1,4 +1,5 @@
 """Batches for the trainers: exact formats, sharding and exact resume."""
+import dataclasses
 import json
 import os
 
@@ -31,12 +32,22 @@ def vocab(tmp_path_factory):
     os.environ["INSTRUCTRL_CACHE"] = old
 
 
-def _make(vocab, kind, spec="world", **kw):
+_BATCHING = {f.name for f in dataclasses.fields(pipeline.Batching)}
+_READ = {f.name for f in dataclasses.fields(pipeline.ReadOptions)}
+
+
+def _make(vocab, kind, spec="world", split="train", **kw):
+  """make_iterator with Batching and ReadOptions fields given as keywords."""
   kw.setdefault("seq_len", 128 if kind != "prompts" else 96)
   kw.setdefault("batch_size", 8)
   if spec == "world":
     kw.setdefault("world", SMALL_WORLD)
-  return pipeline.make_iterator(kind, spec, vocab=vocab, **kw)
+  batching = pipeline.Batching(
+      **{k: kw.pop(k) for k in _BATCHING & kw.keys()})
+  read = pipeline.ReadOptions(
+      vocab=vocab, **{k: kw.pop(k) for k in _READ & kw.keys()})
+  return pipeline.make_iterator(kind, spec, split, batching=batching,
+                                read=read, **kw)
 
 
 def test_pack_lm_by_hand():
@@ -232,8 +243,9 @@ def test_policy_samples_are_ranked_and_batched(vocab):
   assert comps == world.label_comparisons(prompts, samples, seed=0,
                                           groups=[0, 1])
   assert {c.group for c in comps} <= {0, 1}
-  it = pipeline.iterator_from_records("rm", comps, batch_size=2, seq_len=128,
-                                      vocab=vocab)
+  it = pipeline.iterator_from_records(
+      "rm", comps, seq_len=128, batching=pipeline.Batching(batch_size=2),
+      vocab=vocab)
   b = next(it)
   assert b["valid"].sum(axis=1).tolist() == [3, 3]
   assert it.get_state()["fingerprint"] == it.fingerprint

@@ -1,4 +1,5 @@
 """seqio Tasks/Mixtures and TFDS datasets (a local one; nothing downloaded)."""
+import dataclasses
 import importlib
 import os
 
@@ -80,8 +81,10 @@ def test_sft_task_matches_the_pipeline(vocab):
   task = seqio.get_mixture_or_task("instructrl_world_sft")
   ds = task.get_dataset(sequence_length=None, split="validation",
                         shuffle=False)
-  it = pipeline.make_iterator("sft", "world", batch_size=5, seq_len=128,
-                              vocab=vocab, split="validation", shuffle=False)
+  it = pipeline.make_iterator(
+      "sft", "world", "validation", seq_len=128,
+      batching=pipeline.Batching(batch_size=5, shuffle=False),
+      read=pipeline.ReadOptions(vocab=vocab))
   batch = next(it)
   for row, ex in enumerate(ds.take(5).as_numpy_iterator()):
     seq = np.concatenate([ex["inputs"], ex["targets"]])
@@ -95,9 +98,10 @@ def test_rm_task_matches_the_pipeline(vocab):
   task = seqio.get_mixture_or_task("instructrl_world_rm")
   ex = next(task.get_dataset(sequence_length=None, split="test",
                              shuffle=False).as_numpy_iterator())
-  batch = next(pipeline.make_iterator("rm", "world", batch_size=1,
-                                      seq_len=128, vocab=vocab, split="test",
-                                      shuffle=False))
+  batch = next(pipeline.make_iterator(
+      "rm", "world", "test", seq_len=128,
+      batching=pipeline.Batching(batch_size=1, shuffle=False),
+      read=pipeline.ReadOptions(vocab=vocab)))
   k = len(ex["ranks"])
   np.testing.assert_array_equal(batch["ranks"][0, :k], ex["ranks"])
   p = len(ex["inputs"])
@@ -130,18 +134,23 @@ def test_t5x_style_feature_converters(vocab):
 
 
 def test_tfds_through_the_pipeline(vocab, tfds_dir):
-  common_args = dict(vocab=vocab, tfds_data_dir=tfds_dir, shuffle=False,
-                     infinite=False)
+  def batching(batch_size):
+    return pipeline.Batching(batch_size=batch_size, shuffle=False,
+                             infinite=False)
+
+  def read(fields):
+    return pipeline.ReadOptions(vocab=vocab, tfds_data_dir=tfds_dir,
+                                fields=fields)
+
   sft = pipeline.make_iterator(
-      "sft", TFDS, batch_size=6, seq_len=32,
-      fields={"prompt": "question", "completion": "answer"}, **common_args)
+      "sft", TFDS, seq_len=32, batching=batching(6),
+      read=read({"prompt": "question", "completion": "answer"}))
   b = next(sft)
   texts = {vocab.decode(t[s > 0]) for t, s in zip(b["tokens"],
                                                    b["segment_ids"])}
   assert texts == {f"Reverse 'ab{i}'. {i}ba" for i in range(6)}
-  lm = pipeline.make_iterator("lm", TFDS, batch_size=2, seq_len=64,
-                              fields={"text": "body"}, split="validation",
-                              **common_args)
+  lm = pipeline.make_iterator("lm", TFDS, "validation", seq_len=64,
+                              batching=batching(2), read=read({"text": "body"}))
   assert lm.info["examples"] == 1 and lm.info["records"] == 2
   prompts = pipeline.get_prompts(TFDS, "train", tfds_data_dir=tfds_dir,
                                  fields={"prompt": "question"})
@@ -149,15 +158,18 @@ def test_tfds_through_the_pipeline(vocab, tfds_dir):
 
 
 def test_tfds_bad_records_and_missing_datasets(vocab, tfds_dir):
-  args = dict(batch_size=2, seq_len=32, vocab=vocab, tfds_data_dir=tfds_dir,
-              fields={"prompt": "question"})
+  read = pipeline.ReadOptions(vocab=vocab, tfds_data_dir=tfds_dir,
+                              fields={"prompt": "question"})
+  args = dict(seq_len=32, batching=pipeline.Batching(batch_size=2))
   with pytest.raises(common.DataError, match=r"tfds:tiny_instructions:1.0.0:"
                      r"train:\d+: all completions are tied"):
-    pipeline.make_iterator("rm", TFDS, **args)
-  it = pipeline.make_iterator("rm", TFDS, on_error="skip", **args)
+    pipeline.make_iterator("rm", TFDS, read=read, **args)
+  it = pipeline.make_iterator(
+      "rm", TFDS, read=dataclasses.replace(read, on_error="skip"), **args)
   assert it.info["skipped"] == 1 and it.num_examples == 5
   with pytest.raises(common.DataError, match="cannot read split"):
-    pipeline.make_iterator("sft", "tfds:no_such_dataset:1.0.0", **args)
+    pipeline.make_iterator("sft", "tfds:no_such_dataset:1.0.0", read=read,
+                           **args)
 
 
 def test_tfds_task_registration(tfds_dir):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from instructrl import evaluation
+from instructrl.eval import judge as evaluation
 from instructrl.data import world
 
 

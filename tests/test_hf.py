@@ -24,7 +24,7 @@ try:  # Parity checks against the libraries themselves.
 except ImportError as e:  # Fail, not skip: CI installs both extras.
   raise ImportError(f'{e}; pip install -e ".[data,hf-test]"') from e
 
-from instructrl import hf
+from instructrl.tools import hf
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel, ModelConfig
 from instructrl.sampling import SampleConfig, sample

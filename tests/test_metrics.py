@@ -1,20 +1,26 @@
-"""Tests for instructrl.metrics: JSON lines, hand-written TensorBoard files
-(checked by an independent decoder, and by TensorBoard when installed),
-progress line and the NaN guard."""
+"""Tests for instructrl.metrics: JSON lines, TensorBoard files (read back
+with a small TFRecord reader and tensorboardX's protos), progress line and the
+NaN guard."""
 import glob
 import io
 import json
 import os
 import struct
+import time
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX import event_file_writer as tbx_event_file_writer
+from tensorboardX.proto import event_pb2
+from tensorboardX.proto import plugin_hparams_pb2
 
 from instructrl import metrics as metrics_lib
 
 
-# --- An independent reader: bitwise CRC32C and a tiny protobuf decoder. ---
+# --- Reading event files back: TFRecord framing checked with a bitwise
+# CRC32C, each record parsed as an Event proto. ---
 
 
 def _crc32c_bitwise(data: bytes) -> int:
@@ -32,6 +38,7 @@ def _unmask(masked: int) -> int:
 
 
 def _records(path):
+  """TFRecords: 8-byte length, 4-byte crc, data, 4-byte crc."""
   with open(path, "rb") as f:
     buf = f.read()
   pos = 0
@@ -48,74 +55,45 @@ def _records(path):
   assert pos == len(buf)
 
 
-def _fields(msg: bytes):
-  """[(field number, value)]: ints for varint, bytes for fixed and length."""
-  out, pos = [], 0
-  def varint():
-    nonlocal pos
-    shift = result = 0
-    while True:
-      b = msg[pos]
-      pos += 1
-      result |= (b & 0x7F) << shift
-      shift += 7
-      if not b & 0x80:
-        return result
-  while pos < len(msg):
-    key = varint()
-    field, wire = key >> 3, key & 7
-    if wire == 0:
-      out.append((field, varint()))
-    elif wire == 1:
-      out.append((field, msg[pos:pos + 8]))
-      pos += 8
-    elif wire == 5:
-      out.append((field, msg[pos:pos + 4]))
-      pos += 4
-    elif wire == 2:
-      n = varint()
-      out.append((field, msg[pos:pos + n]))
-      pos += n
-    else:
-      raise AssertionError(f"unexpected wire type {wire}")
+def _events(path):
+  return [event_pb2.Event.FromString(r) for r in _records(path)]
+
+
+def _event_file(logdir):
+  files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+  assert len(files) == 1, files
+  return files[0]
+
+
+def _scalars(events):
+  return [(e.step, v.tag, v.simple_value) for e in events
+          for v in e.summary.value if v.HasField("simple_value")]
+
+
+def _texts(events):
+  return {v.tag: v.tensor.string_val[0].decode() for e in events
+          for v in e.summary.value
+          if v.metadata.plugin_data.plugin_name == "text"}
+
+
+def _hparams(events):
+  """{tag: HParamsPluginData} of the hparams plugin's summaries."""
+  out = {}
+  for e in events:
+    for v in e.summary.value:
+      if v.metadata.plugin_data.plugin_name == "hparams":
+        assert v.tag not in out
+        out[v.tag] = plugin_hparams_pb2.HParamsPluginData.FromString(
+            v.metadata.plugin_data.content)
   return out
 
 
-def _decode_event(data: bytes) -> dict:
-  ev = {"values": {}, "texts": {}}
-  for field, v in _fields(data):
-    if field == 1:
-      ev["wall_time"] = struct.unpack("<d", v)[0]
-    elif field == 2:
-      ev["step"] = v - (1 << 64) if v >= 1 << 63 else v
-    elif field == 3:
-      ev["file_version"] = v.decode()
-    elif field == 5:
-      for _, value in _fields(v):
-        f = dict(_fields(value))
-        tag = f[1].decode()
-        if 2 in f:
-          ev["values"][tag] = struct.unpack("<f", f[2])[0]
-        else:
-          tensor = dict(_fields(f[8]))
-          assert tensor[1] == 7  # DT_STRING
-          assert dict(_fields(dict(_fields(f[9]))[1]))[1] == b"text"
-          ev["texts"][tag] = tensor[8].decode()
-  return ev
+def _value(v):
+  """A google.protobuf.Value as a Python scalar."""
+  return getattr(v, v.WhichOneof("kind"))
 
 
 # --- Tests. ---
-
-
-def test_crc32c_known_vectors():
-  assert metrics_lib.crc32c(b"123456789") == 0xE3069283
-  assert metrics_lib.crc32c(b"") == 0
-  assert _crc32c_bitwise(b"123456789") == 0xE3069283
-  data = bytes(range(256)) * 3
-  assert metrics_lib.crc32c(data) == _crc32c_bitwise(data)
-  # Incremental use gives the same as one call.
-  assert metrics_lib.crc32c(data[100:], metrics_lib.crc32c(data[:100])) == (
-      metrics_lib.crc32c(data))
 
 
 def test_jsonl_records_and_nonfinite(tmp_path):
@@ -166,49 +144,109 @@ def test_torn_last_line_is_skipped_and_repaired(tmp_path):
 
 
 def test_tensorboard_event_file(tmp_path):
-  config = {"lr": 1e-3, "model": {"d_model": 64}}
+  config = {"lr": 1e-3, "use_bias": True, "name": "gpt",
+            "model": {"d_model": 64, "dropout": 0.0, "act": {"kind": "gelu"}},
+            "mesh_shape": [1, 4], "seed": None, "beta": np.float32(0.5)}
   with metrics_lib.MetricsWriter(tmp_path, "ppo") as w:
     w.write_config(config)
     w.write(10, {"loss": jnp.asarray(0.75), "lr": 3e-4, "note": "x"})
-    w.write(20, {"loss": 0.5, "reward": np.float32(-1.25), "flag": True})
-  files = glob.glob(str(tmp_path / "tb" / "ppo" / "events.out.tfevents.*"))
-  assert len(files) == 1
-  assert json.load(open(tmp_path / "tb" / "ppo" / "config.json")) == config
-  events = [_decode_event(r) for r in _records(files[0])]
-  assert events[0]["file_version"] == "brain.Event:2"
-  assert '"d_model": 64' in events[1]["texts"]["config"]
-  scalars = [(e["step"], e["values"]) for e in events[2:]]
-  assert scalars == [(10, {"loss": 0.75, "lr": pytest.approx(3e-4)}),
-                     (20, {"loss": 0.5, "reward": -1.25})]
-  assert all(e["wall_time"] > 1e9 for e in events)
-  # Negative int64 steps use 10-byte varints.
-  ev = _decode_event(metrics_lib.encode_event(1.0, -3))
-  assert ev["step"] == -3
+    w.write(20, {"loss": 0.5, "reward": np.float32(-1.25), "flag": True,
+                 "tokens": np.int64(4096)})
+  logdir = tmp_path / "tb" / "ppo"
+  # One run directory: the event file and config.json, no hparams sub-run.
+  assert sorted(os.listdir(logdir)) == [
+      "config.json", os.path.basename(_event_file(logdir))]
+  assert json.load(open(logdir / "config.json")) == json.loads(
+      json.dumps(config, default=str))
+  events = _events(_event_file(logdir))
+  assert events[0].file_version == "brain.Event:2"
+  assert all(e.wall_time > 1e9 for e in events)
 
-  # TensorBoard (installed with some tensorflow builds) reads it too.
-  # pylint: disable=g-import-not-at-top
+  assert _scalars(events) == [
+      (10, "loss", 0.75), (10, "lr", pytest.approx(3e-4)),
+      (20, "loss", 0.5), (20, "reward", -1.25), (20, "tokens", 4096.0)]
+  # Each scalar carries the wall time of its write() (the JSON record's).
+  recs = metrics_lib.read_metrics(tmp_path / "metrics.jsonl")
+  by_step = {e.step: e.wall_time for e in events if e.summary.value
+             and e.summary.value[0].HasField("simple_value")}
+  assert [round(by_step[r["step"]], 3) for r in recs] == [r["time"]
+                                                           for r in recs]
+
+  texts = _texts(events)
+  assert list(texts) == ["config/text_summary"]
+  assert texts["config/text_summary"].splitlines()[:3] == [
+      "    {", '      "beta": "0.5",', '      "lr": 0.001,']
+  assert '        "d_model": 64,' in texts["config/text_summary"]
+
+  hp = _hparams(events)
+  # Only the session start: an experiment summary would override the
+  # hparams of the other stages' runs in TensorBoard's HParams tab.
+  assert list(hp) == ["_hparams_/session_start_info"]
+  got = {k: _value(v)
+         for k, v in hp["_hparams_/session_start_info"]
+         .session_start_info.hparams.items()}
+  assert got == {"lr": 1e-3, "use_bias": True, "name": "gpt",
+                 "model.d_model": 64.0, "model.dropout": 0.0,
+                 "model.act.kind": "gelu", "beta": 0.5}
+
+
+def test_tensorboard_config_json_string(tmp_path):
+  """write_config(str), as the stages call it with config.to_json()."""
+  text = json.dumps({"opt": {"lr": 2e-5, "warmup": 10}, "stage": "sft"})
+  with metrics_lib.MetricsWriter(tmp_path, "sft") as w:
+    w.write_config(text, step=3)
+  logdir = tmp_path / "tb" / "sft"
+  assert (logdir / "config.json").read_text() == text + "\n"
+  events = _events(_event_file(logdir))
+  assert _texts(events) == {"config/text_summary": "    " + text}
+  (start,) = [e for e in events for v in e.summary.value
+              if v.tag == "_hparams_/session_start_info"]
+  assert start.step == 3
+  got = {k: _value(v) for k, v in _hparams([start])[
+      "_hparams_/session_start_info"].session_start_info.hparams.items()}
+  assert got == {"opt.lr": 2e-5, "opt.warmup": 10.0, "stage": "sft"}
+  # A string that is not JSON is still saved and shown, with no hparams.
+  with metrics_lib.MetricsWriter(tmp_path, "rm") as w:
+    w.write_config("lr: 1e-3")
+  events = _events(_event_file(tmp_path / "tb" / "rm"))
+  assert _texts(events) == {"config/text_summary": "    lr: 1e-3"}
+  assert not _hparams(events)
+
+
+def test_tensorboard_flushes_while_open(tmp_path):
+  logdir = tmp_path / "tb" / "sft"
+  w = metrics_lib.MetricsWriter(tmp_path, "sft")
   try:
-    from tensorboard.backend.event_processing import event_file_loader
-    from tensorboard.util import tensor_util
-  except ImportError:
-    event_file_loader = None
-  if event_file_loader is not None:
-    loader_cls = getattr(event_file_loader, "LegacyEventFileLoader",
-                         event_file_loader.EventFileLoader)
-    got, texts = {}, {}
-    for event in loader_cls(files[0]).Load():
-      for v in event.summary.value:
-        if v.HasField("simple_value"):
-          got[(event.step, v.tag)] = v.simple_value
-        elif v.HasField("tensor"):
-          arr = tensor_util.make_ndarray(v.tensor)
-          if v.metadata.plugin_data.plugin_name == "text":
-            texts[v.tag] = arr.item().decode()
-          else:
-            got[(event.step, v.tag)] = float(arr)
-    assert got == {(10, "loss"): 0.75, (10, "lr"): pytest.approx(3e-4),
-                   (20, "loss"): 0.5, (20, "reward"): -1.25}
-    assert '"lr": 0.001' in texts["config"]
+    w.write(1, {"loss": 2.0})
+    # On disk within a few seconds without close() (flush_secs), so a killed
+    # run keeps nearly all its scalars.
+    deadline = time.monotonic() + 10.0
+    while True:
+      got = _scalars(_events(_event_file(logdir)))
+      if got or time.monotonic() > deadline:
+        break
+      time.sleep(0.1)
+    assert got == [(1, "loss", 2.0)]
+  finally:
+    w.close()
+  w.close()  # a second close is a no-op
+
+
+def test_tensorboard_writers_in_one_second_keep_their_files(tmp_path,
+                                                            monkeypatch):
+  # tensorboardX names event files by the second (and host) and opens them
+  # "wb": pin its clock so both writers below fall in the same second.
+  monkeypatch.setattr(tbx_event_file_writer, "time",
+                      types.SimpleNamespace(time=lambda: 1700000000.25))
+  with metrics_lib.MetricsWriter(tmp_path, "sft") as w:
+    w.write(1, {"loss": 2.0})
+  with metrics_lib.MetricsWriter(tmp_path, "sft") as w2:  # a quick restart
+    w2.write(2, {"loss": 1.0})
+  files = sorted(glob.glob(str(tmp_path / "tb" / "sft" / "events.out.*")))
+  assert len(files) == 2
+  assert all(".1700000000." in f for f in files)
+  assert [_scalars(_events(f)) for f in files] == [
+      [(1, "loss", 2.0)], [(2, "loss", 1.0)]]
 
 
 def test_check_finite():
@@ -266,3 +304,10 @@ def test_inactive_writer_writes_nothing(tmp_path):
   w.write_config({"a": 1})
   w.close()
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_tensorboard_off_writes_no_events(tmp_path):
+  with metrics_lib.MetricsWriter(tmp_path, "sft", tensorboard=False) as w:
+    w.write_config({"a": 1})
+    w.write(1, {"loss": 1.0})
+  assert os.listdir(tmp_path / "tb" / "sft") == ["config.json"]

@@ -24,7 +24,7 @@ except ImportError as e:  # Fail, not skip: CI installs the dev extra.
   raise ImportError(f'{e}; pip install -e ".[dev]"') from e
 
 from instructrl import metrics as metrics_lib
-from instructrl import plot
+from instructrl.eval import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
@@ -36,13 +36,13 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 _BUILD_BASE = """
 import os, sys
 from instructrl import config_files
-from instructrl.train import common, pipeline
+from instructrl.stages import loop, runner
 for stage in ("pretrain", "sft", "rm"):
-  if not common.is_done(sys.argv[2], stage):
+  if not loop.is_done(sys.argv[2], stage):
     c = config_files.get_config(os.path.join(sys.argv[1], "configs", "default.py"),
                                 "tiny")
     c.stage = stage
-    pipeline.run(c, sys.argv[2])
+    runner.run(c, sys.argv[2])
 """
 
 

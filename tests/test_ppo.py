@@ -8,8 +8,8 @@ import optax
 from flax import nnx
 
 from instructrl import losses
-from instructrl import ppo as ppo_lib
-from instructrl import rollout as rollout_lib
+from instructrl.rl import learner as ppo_lib
+from instructrl.rl import rollout as rollout_lib
 from instructrl import steps
 from instructrl.model import LanguageModel, ModelConfig, ScalarModel
 from instructrl.sampling import SampleConfig, sample
@@ -103,11 +103,11 @@ def test_ptx_term_adds_gamma_times_the_lm_gradient():
   new, m = ppo_lib.learn(state, exp, ptx, jax.random.key(0), 0.0,
                          graphdefs={"policy": g, "value": vg}, txs=txs, cfg=cfg)
   lm = steps.lm_loss_fn(g)
-  grads = jax.grad(lambda p: gamma * lm(p, ptx, None)[0])(params)
+  grads = jax.grad(lambda p: gamma * lm.fn(p, ptx, None)[0])(params)
   expected = jax.tree.map(lambda p, gr: p - 0.1 * gr, params, grads)
   for a, b in zip(jax.tree.leaves(new["params"]), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, atol=1e-6)
-  np.testing.assert_allclose(m["ptx_loss"], lm(params, ptx, None)[0], rtol=1e-6)
+  np.testing.assert_allclose(m["ptx_loss"], lm.fn(params, ptx, None)[0], rtol=1e-6)
 
 
 def test_adaptive_kl_controller_and_ema():

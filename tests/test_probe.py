@@ -1,7 +1,7 @@
-"""The best-of-N figures of `instructrl.train.probe` on hand-made numbers."""
+"""The best-of-N figures of `instructrl.tools.probe` on hand-made numbers."""
 import numpy as np
 
-from instructrl.train import probe
+from instructrl.tools import probe
 
 
 def test_selection_stats_pins_numbers():

@@ -19,9 +19,10 @@ from flax import nnx
 from instructrl import config_files
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel
-from instructrl.train import common
-from instructrl.train import rm_data
-from instructrl.train import stages
+from instructrl.stages import loop
+from instructrl.stages import rm
+from instructrl.stages import rm_data
+from instructrl.stages import inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -36,8 +37,8 @@ def tiny_config(**overrides):
 
 
 def export_random_sft(config, workdir):
-  model = LanguageModel(stages.model_config(config), nnx.Rngs(0))
-  common.export(workdir, "sft", nnx.split(model)[1], {"stage": "sft"})
+  model = LanguageModel(inputs.model_config(config), nnx.Rngs(0))
+  loop.export(workdir, "sft", nnx.split(model)[1], {"stage": "sft"})
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def test_build_labels_samples_and_is_deterministic(sft_workdir, tmp_path):
   from instructrl.data import labelers, world  # pylint: disable=g-import-not-at-top
   config, workdir = sft_workdir
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  info = rm_data.build(config, workdir, mesh, "validation")
+  info = rm_data.write_comparisons(config, workdir, mesh, "validation")
   path = rm_data.data_spec(workdir)[len("jsonl:"):].format(split="validation")
   rows = read(path)
   assert info["comparisons"] == len(rows) > 0
@@ -81,10 +82,10 @@ def test_build_labels_samples_and_is_deterministic(sft_workdir, tmp_path):
     assert np.array_equal(same_u, ranks[:, None] == ranks[None, :])
   # Same seed and SFT weights: the same file; a finished file is reused.
   export_random_sft(config, str(tmp_path))
-  rm_data.build(config, str(tmp_path), mesh, "validation")
+  rm_data.write_comparisons(config, str(tmp_path), mesh, "validation")
   again = rm_data.data_spec(str(tmp_path))[len("jsonl:"):].format(split="validation")
   assert read(again) == rows
-  assert rm_data.build(config, workdir, mesh, "validation") == {"reused": path}
+  assert rm_data.write_comparisons(config, workdir, mesh, "validation") == {"reused": path}
 
 
 def test_rm_stage_trains_on_sampled_comparisons(sft_workdir):
@@ -92,8 +93,8 @@ def test_rm_stage_trains_on_sampled_comparisons(sft_workdir):
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   # Built here unless the test above did, in this process (xdist may run it
   # elsewhere): either way the stage must reuse the finished file.
-  rm_data.build(config, workdir, mesh, "validation")
-  info = stages.run_rm_stage(config, workdir, mesh)
+  rm_data.write_comparisons(config, workdir, mesh, "validation")
+  info = rm.run(config, workdir, mesh)
   sampled = info["sampled_data"]
   assert sampled["train"]["comparisons"] > 0
   assert "reused" in sampled["validation"]

@@ -22,9 +22,9 @@ from flax import nnx
 from instructrl import config_files
 from instructrl.model import LanguageModel, ScalarModel
 from instructrl.model.sharded import abstract
-from instructrl.train import common
-from instructrl.train import pipeline
-from instructrl.train import stages
+from instructrl.stages import loop
+from instructrl.stages import runner
+from instructrl.stages import inputs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Two steps per stage; evaluations only at the end; small eval sets.
@@ -59,25 +59,25 @@ def restore(path) -> dict:
 
 def test_rm_init_from_a_policy_stage_is_a_config_error(tmp_path):
   config = load_config("pipeline", **{"rm.init": "sft"})
-  with pytest.raises(common.ConfigError, match=r"config\.rm\.init='sft'"):
-    pipeline.run(config, str(tmp_path / "w"), devices=jax.devices()[:1])
+  with pytest.raises(loop.ConfigError, match=r"config\.rm\.init='sft'"):
+    runner.run(config, str(tmp_path / "w"), devices=jax.devices()[:1])
   assert not (tmp_path / "w").exists()
 
 
 def test_rm_model_shape_runs_rm_sft_ppo_ptx_eval(tmp_path):
   workdir, devices = str(tmp_path / "w"), jax.devices()[:1]
-  cfg = stages.model_config(load_config("rm"))
-  rm_cfg = stages.rm_model_config(load_config("rm"))
+  cfg = inputs.model_config(load_config("rm"))
+  rm_cfg = inputs.rm_model_config(load_config("rm"))
   assert (cfg.d_model, rm_cfg.d_model) == (32, 48)
   for stage in ("rm", "sft", "ppo_ptx", "eval"):
-    pipeline.run(load_config(stage), workdir, devices=devices)
+    runner.run(load_config(stage), workdir, devices=devices)
   rm_shapes = abstract_shapes(ScalarModel, rm_cfg)
   assert shapes(restore(f"{workdir}/rm/export/params")) == rm_shapes
-  assert common.read_info(workdir, "sft")["final"]["val_rm_score"] is not None
+  assert loop.read_info(workdir, "sft")["final"]["val_rm_score"] is not None
   state = restore(f"{workdir}/ppo_ptx/ckpt/2/state")
   assert shapes(state["value_params"]) == rm_shapes
   assert shapes(state["params"]) == abstract_shapes(LanguageModel, cfg)
-  assert np.isfinite(common.read_info(workdir, "ppo_ptx")["final"]["score"])
+  assert np.isfinite(loop.read_info(workdir, "ppo_ptx")["final"]["score"])
   report = json.loads(pathlib.Path(workdir, "eval", "report.json").read_text())
   assert set(report) == {"sft", "ppo_ptx"}  # No pretrain stage: no base model.
   assert all(np.isfinite(e["rm_score"]) for e in report.values())

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from instructrl.train import sft_extras
+from instructrl.stages import sft_extras
 
 
 class _Counter:

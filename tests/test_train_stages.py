@@ -31,8 +31,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from instructrl import config_files
 from instructrl import metrics as metrics_lib
-from instructrl.train import common
-from instructrl.train import pipeline
+from instructrl.stages import loop
+from instructrl.stages import runner
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LOOP_STAGES = ("pretrain", "sft", "rm")
@@ -85,7 +85,7 @@ def cli_env(cache_dir) -> dict:
 def _train_all(workdir, mesh: dict, devices) -> None:
   for stage in LOOP_STAGES:
     config = load_config({**OVERRIDES, **mesh, "stage": stage})
-    pipeline.run(config, str(workdir), devices=devices)
+    runner.run(config, str(workdir), devices=devices)
 
 
 @contextlib.contextmanager
@@ -172,8 +172,8 @@ def test_one_device_and_eight_devices_give_the_same_curves(one_device,
     one, eight = _records(one_device, stage), _records(eight_devices, stage)
     assert [r["step"] for r in one] == [r["step"] for r in eight], stage
     assert len(one) >= 4, stage
-    assert common.read_info(one_device, stage)["best"]["step"] == (
-        common.read_info(eight_devices, stage)["best"]["step"]), stage
+    assert loop.read_info(one_device, stage)["best"]["step"] == (
+        loop.read_info(eight_devices, stage)["best"]["step"]), stage
     for key in CURVE_KEYS:
       a = [r.get(key) for r in one]
       b = [r.get(key) for r in eight]
@@ -208,11 +208,11 @@ def test_pipeline_reuses_finished_stages(one_device, monkeypatch, capsys,
     called.append(stage)
     raise Stop  # A stage after RM (PPO...): not what this test is about.
 
-  monkeypatch.setattr(pipeline, "run_stage", run_stage)
+  monkeypatch.setattr(runner, "run_stage", run_stage)
   config = load_config({**OVERRIDES, **MESH1, "stage": "pipeline"})
-  later = [s for s in pipeline.STAGES if s not in LOOP_STAGES]
+  later = [s for s in runner.STAGES if s not in LOOP_STAGES]
   with pytest.raises(Stop) if later else contextlib.nullcontext():
-    pipeline.run(config, str(workdir), devices=jax.devices()[:1])
+    runner.run(config, str(workdir), devices=jax.devices()[:1])
   out = capsys.readouterr().out
   for stage in LOOP_STAGES:
     assert f"[{stage}] already done" in out and "reusing" in out, out
@@ -299,8 +299,8 @@ def _assert_same_result(ref, got, stage: str) -> None:
     assert (json.loads((ref_ckpt / item / "metadata").read_text()) ==
             json.loads((got_ckpt / item / "metadata").read_text())), item
   for key in ("steps", "best"):
-    assert (common.read_info(got, stage)[key] ==
-            common.read_info(ref, stage)[key]), key
+    assert (loop.read_info(got, stage)[key] ==
+            loop.read_info(ref, stage)[key]), key
   # Every step the interrupted runs logged, replays included, has the
   # uninterrupted run's loss exactly.
   losses = {r["step"]: r["loss"] for r in _records(ref, stage)}
@@ -328,13 +328,13 @@ def test_kill_and_resume_is_bitwise_exact(eight_devices, tmp_path, stage):
   args = cli_args(workdir, stage, {**OVERRIDES, **MESH8})
   env = cli_env(cache)
   ckpt_dir = workdir / stage / "ckpt"
-  total = common.read_info(reference, stage)["steps"]
+  total = loop.read_info(reference, stage)["steps"]
   assert all(n + 3 <= total for _, n in plan), f"{stage}: {total} steps only"
   for kind, n in plan:
     for _ in range(3):
       code = _run(args, env, log, _kill_when(kind, ckpt_dir, n))
       assert code == -signal.SIGKILL, (kind, n, code, log.read_text()[-3000:])
-      assert not common.is_done(workdir, stage)
+      assert not loop.is_done(workdir, stage)
       # A save cut short stays a tmp dir, never a step.
       assert not set(_pending(ckpt_dir)) & set(_steps(ckpt_dir))
       if kind == "step" or _saving(ckpt_dir, n):
@@ -372,9 +372,9 @@ def test_ppo_ptx_resumes_exactly_at_iteration_boundaries(one_device, tmp_path,
   with the parameters of an uninterrupted run, bit for bit."""
   config = load_config({**OVERRIDES, **MESH1, **PPO_OVERRIDES, "stage": "ppo_ptx"})
   ref = _copy_stages(one_device, tmp_path / "ref")
-  pipeline.run(config, str(ref), devices=jax.devices()[:1])
+  runner.run(config, str(ref), devices=jax.devices()[:1])
   work = _copy_stages(one_device, tmp_path / "work")
-  real_next = common.JointBatches.__next__  # PPO's prompts + ptx rows.
+  real_next = loop.JointBatches.__next__  # PPO's prompts + ptx rows.
   calls = {"n": 0}
 
   def flaky_next(self):
@@ -382,12 +382,12 @@ def test_ppo_ptx_resumes_exactly_at_iteration_boundaries(one_device, tmp_path,
     if calls["n"] == 4:  # Iterations 1-3 ran; the checkpoint holds step 2.
       raise _Interrupt()
     return real_next(self)
-  monkeypatch.setattr(common.JointBatches, "__next__", flaky_next)
+  monkeypatch.setattr(loop.JointBatches, "__next__", flaky_next)
   with pytest.raises(_Interrupt):
-    pipeline.run(config, str(work), devices=jax.devices()[:1])
-  assert not common.is_done(str(work), "ppo_ptx")
-  monkeypatch.setattr(common.JointBatches, "__next__", real_next)
-  pipeline.run(config, str(work), devices=jax.devices()[:1])
+    runner.run(config, str(work), devices=jax.devices()[:1])
+  assert not loop.is_done(str(work), "ppo_ptx")
+  monkeypatch.setattr(loop.JointBatches, "__next__", real_next)
+  runner.run(config, str(work), devices=jax.devices()[:1])
   a, b = _pure_export(ref, "ppo_ptx"), _pure_export(work, "ppo_ptx")
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
@@ -399,24 +399,16 @@ def test_ppo_ptx_resumes_exactly_at_iteration_boundaries(one_device, tmp_path,
 def test_ppo_starts_from_sft_policy_and_rm_value(one_device):
   """The value model is initialised from the RM and the policy from SFT."""
   from instructrl import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from instructrl import steps  # pylint: disable=g-import-not-at-top
-  from instructrl.train import ppo as ppo_stage  # pylint: disable=g-import-not-at-top
-  from instructrl.train import stages  # pylint: disable=g-import-not-at-top
+  from instructrl.model import LanguageModel, ScalarModel  # pylint: disable=g-import-not-at-top
+  from instructrl.stages import ppo as ppo_stage  # pylint: disable=g-import-not-at-top
+  from instructrl.stages import inputs  # pylint: disable=g-import-not-at-top
   config = load_config({**OVERRIDES, **MESH1})
   mesh = mesh_lib.make_mesh({}, jax.devices()[:1])
-  cfg = stages.model_config(config)
-  _, frozen, (abs_lm, sh_lm), (abs_sc, sh_sc) = ppo_stage._load_models(
-      config, str(one_device), cfg, mesh)
-  txs = {k: steps.make_optimizer(1e-5, 10, 1, schedule="constant")
-         for k in ("policy", "value")}
-  rep = mesh_lib.replicated(mesh)
-  sh = {"params": sh_lm, "value_params": sh_sc, "ema": sh_lm, "kl_coef": rep,
-        "step": rep,
-        "opt_state": steps.state_shardings(sh_lm, txs["policy"], abs_lm,
-                                           mesh)["opt_state"],
-        "value_opt_state": steps.state_shardings(sh_sc, txs["value"], abs_sc,
-                                                 mesh)["opt_state"]}
-  state = ppo_stage.initial_state(frozen, txs, 0.02, sh, mesh)
+  p = ppo_stage.build(config, mesh, "ppo_ptx")
+  _, ref, _ = inputs.load_model(str(one_device), "sft", LanguageModel, p.cfg, mesh)
+  _, rm_params, _ = inputs.load_model(str(one_device), "rm", ScalarModel, p.rm_cfg,
+                                      mesh)
+  state = p.init(ref, rm_params)
   rm = _pure_export(one_device, "rm")
   sft = _pure_export(one_device, "sft")
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -438,21 +430,17 @@ def test_probe_best_of_n_on_the_tiny_workdir(one_device):
   from instructrl import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from instructrl.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
   from instructrl.model import LanguageModel, ScalarModel  # pylint: disable=g-import-not-at-top
-  from instructrl.model.sharded import abstract  # pylint: disable=g-import-not-at-top
-  from instructrl.train import evaluate  # pylint: disable=g-import-not-at-top
-  from instructrl.train import probe  # pylint: disable=g-import-not-at-top
-  from instructrl.train import stages  # pylint: disable=g-import-not-at-top
+  from instructrl.stages import evaluate  # pylint: disable=g-import-not-at-top
+  from instructrl.stages import inputs  # pylint: disable=g-import-not-at-top
+  from instructrl.tools import probe  # pylint: disable=g-import-not-at-top
   config = load_config({**OVERRIDES, **MESH1})
   mesh = mesh_lib.make_mesh({}, jax.devices()[:1])
-  g_lm, abs_lm = abstract(LanguageModel, stages.model_config(config))
-  g_rm, abs_rm = abstract(ScalarModel, stages.rm_model_config(config))
-  sh = mesh_lib.state_shardings(abs_lm, mesh)
-  params = common.load_export(str(one_device), "sft", abs_lm, sh)
-  rm = common.load_export(str(one_device), "rm", abs_rm,
-                          mesh_lib.state_shardings(abs_rm, mesh))
+  progs = evaluate.build(config, mesh)
+  _, params, _ = inputs.load_model(str(one_device), "sft", LanguageModel, progs.cfg,
+                                   mesh)
+  _, rm, _ = inputs.load_model(str(one_device), "rm", ScalarModel, progs.rm_cfg, mesh)
   prompts = data_pipeline.get_prompts("world", "validation",
                                       world=dict(config.data.world))[:10]
-  progs = evaluate._programs(config, g_lm, sh, g_rm, mesh)
   vocab = data_pipeline.resolve_vocab(config.data.vocab)
   one = probe.best_of_n(config, progs, params, rm, prompts, mesh, 1, vocab)
   assert one["sample"] == one["oracle"] == one["by_rm"]

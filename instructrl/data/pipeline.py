@@ -1,7 +1,8 @@
 """The trainers' entry point: data spec -> tokens -> resumable numpy batches.
 
-    it = make_iterator("sft", "world", batch_size=32, seq_len=128,
-                       vocab="default", split="train", seed=0)
+    it = make_iterator("sft", "world", "train", seq_len=128,
+                       batching=Batching(batch_size=32, seed=0),
+                       read=ReadOptions(vocab="default"))
     batch = next(it)          # dict of numpy arrays, this process's rows
     state = it.get_state()    # save with the checkpoint; it.set_state(state)
 
@@ -20,6 +21,7 @@ Batch formats (B = batch_size / process_count):
   prompts  prompt_tokens int32 [B, L] (left-padded); prompt_mask bool [B, L];
            prompt_id int32 [B] (-1 for padding rows)
 """
+import dataclasses
 import hashlib
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -100,14 +102,48 @@ def _fingerprint(table: Mapping[str, np.ndarray]) -> str:
   return h.hexdigest()[:16]
 
 
-def make_table(kind: str, spec: str, *, seq_len: int, vocab: Any,
-               split: str = "train", k_max: int = K_MAX,
-               groups: Optional[Sequence[int]] = None,
-               on_error: str = "raise",
-               world: Optional[Mapping[str, Any]] = None,
-               cache_dir: Optional[str] = None,
-               tfds_data_dir: Optional[str] = None,
-               fields: Optional[Mapping[str, str]] = None
+@dataclasses.dataclass(frozen=True)
+class ReadOptions:
+  """How records are read and tokenized, the same for every split.
+
+  vocab: a seqio.Vocabulary, or a spec for vocab.get_vocabulary.
+  world: WorldConfig fields for "world" specs, e.g. {"seed": 0, "sft": 3000}.
+  on_error: "raise" a DataError at the first bad record, or "skip" bad
+    records (counted in `it.info["skipped"]`, logged as a warning).
+  cache_dir: vocabulary and corpus cache.
+  tfds_data_dir: TFDS data dir for "tfds:" specs.
+  fields: TFDS only: our field name -> the dataset's feature name.
+  """
+  vocab: Any = "default"
+  world: Optional[Mapping[str, Any]] = None
+  on_error: str = "raise"
+  cache_dir: Optional[str] = None
+  tfds_data_dir: Optional[str] = None
+  fields: Optional[Mapping[str, str]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+  """How an example table becomes this process's batches.
+
+  batch_size: the GLOBAL batch size (divisible by process_count).
+  seed: shuffling seed (each epoch is a fresh permutation of it).
+  infinite: cycle forever; False: one pass with a padded last batch.
+  shuffle: default: shuffle when infinite, keep order for one pass.
+  process_index, process_count: this process, and the processes sharing a
+    global batch.
+  """
+  batch_size: int
+  seed: int = 0
+  infinite: bool = True
+  shuffle: Optional[bool] = None
+  process_index: int = 0
+  process_count: int = 1
+
+
+def make_table(kind: str, spec: str, split: str = "train", *, seq_len: int,
+               read: ReadOptions = ReadOptions(), k_max: int = K_MAX,
+               groups: Optional[Sequence[int]] = None
                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The example table of a dataset and facts about it (see make_iterator).
 
@@ -115,15 +151,15 @@ def make_table(kind: str, spec: str, *, seq_len: int, vocab: Any,
     (table, info): the arrays (with a padding row last) and a dict with
     "fingerprint", "examples", "skipped" and, for lm, "tokens".
   """
-  policy = common.ErrorPolicy(on_error)
+  policy = common.ErrorPolicy(read.on_error)
   records = sources.load_records(
-      kind, spec, split, world=world, cache_dir=cache_dir,
-      tfds_data_dir=tfds_data_dir, fields=fields, policy=policy)
+      kind, spec, split, world=read.world, cache_dir=read.cache_dir,
+      tfds_data_dir=read.tfds_data_dir, fields=read.fields, policy=policy)
   if kind == "rm" and groups is not None:
     allowed = set(int(g) for g in groups)
     records = [r for r in records if r.group in allowed]
   table, info = table_from_records(
-      kind, records, seq_len=seq_len, vocab=resolve_vocab(vocab, cache_dir),
+      kind, records, seq_len=seq_len, vocab=resolve_vocab(read.vocab, read.cache_dir),
       k_max=k_max, policy=policy, name=f"{spec} ({kind}, {split})")
   info.update(spec=spec, split=split)
   return table, info
@@ -155,16 +191,9 @@ def table_from_records(kind: str, records: Sequence[Any], *, seq_len: int,
   return table, info
 
 
-def make_iterator(kind: str, spec: str, *, batch_size: int, seq_len: int,
-                  vocab: Any, split: str = "train", seed: int = 0,
-                  process_index: int = 0, process_count: int = 1,
-                  infinite: bool = True, shuffle: Optional[bool] = None,
-                  k_max: int = K_MAX, groups: Optional[Sequence[int]] = None,
-                  on_error: str = "raise",
-                  world: Optional[Mapping[str, Any]] = None,
-                  cache_dir: Optional[str] = None,
-                  tfds_data_dir: Optional[str] = None,
-                  fields: Optional[Mapping[str, str]] = None
+def make_iterator(kind: str, spec: str, split: str = "train", *, seq_len: int,
+                  batching: Batching, read: ReadOptions = ReadOptions(),
+                  k_max: int = K_MAX, groups: Optional[Sequence[int]] = None
                   ) -> iterators.BatchIterator:
   """A deterministic, resumable iterator of this process's batch rows.
 
@@ -172,57 +201,38 @@ def make_iterator(kind: str, spec: str, *, batch_size: int, seq_len: int,
     kind: "lm" (packed), "sft", "rm" or "prompts".
     spec: "world", "corpus", "jsonl:PATH", "text:PATH" or "tfds:NAME"
       (sources.py); PATH may contain "{split}".
-    batch_size: the GLOBAL batch size (divisible by process_count).
-    seq_len: T for lm/sft/rm; the prompt length L for prompts.
-    vocab: a seqio.Vocabulary, or a spec for vocab.get_vocabulary.
     split: "train", "validation" or "test".
-    seed: shuffling seed (each epoch is a fresh permutation of it).
-    process_index: this process.
-    process_count: processes sharing a global batch.
-    infinite: cycle forever; False: one pass with a padded last batch.
-    shuffle: default: shuffle when infinite, keep order for one pass.
+    seq_len: T for lm/sft/rm; the prompt length L for prompts.
+    batching: batch size, shuffling and this process's share (`Batching`).
+    read: vocabulary, world and error policy (`ReadOptions`).
     k_max: completions slots per rm row (K is padded to it).
     groups: rm only: keep comparisons of these labeler groups.
-    on_error: "raise" a DataError at the first bad record, or "skip" bad
-      records (counted in `it.info["skipped"]`, logged as a warning).
-    world: WorldConfig fields, e.g. {"seed": 0, "sft": 3000}.
-    cache_dir: vocabulary and corpus cache.
-    tfds_data_dir: TFDS data dir for "tfds:" specs.
-    fields: TFDS only: our field name -> the dataset's feature name.
 
   Returns:
     A BatchIterator: `next(it)`, `it.get_state()`, `it.set_state(s)`,
     `it.step`, `it.epoch`, `it.info`.
   """
-  table, info = make_table(
-      kind, spec, seq_len=seq_len, vocab=vocab, split=split, k_max=k_max,
-      groups=groups, on_error=on_error, world=world, cache_dir=cache_dir,
-      tfds_data_dir=tfds_data_dir, fields=fields)
-  return _iterator(table, info, batch_size, seed, infinite, shuffle,
-                   process_index, process_count)
+  table, info = make_table(kind, spec, split, seq_len=seq_len, read=read,
+                           k_max=k_max, groups=groups)
+  return batch_iterator(table, info, batching)
 
 
-def iterator_from_records(kind: str, records: Sequence[Any], *,
-                          batch_size: int, seq_len: int, vocab: Any,
-                          seed: int = 0, infinite: bool = True,
-                          shuffle: Optional[bool] = None,
-                          process_index: int = 0, process_count: int = 1,
-                          k_max: int = K_MAX, on_error: str = "raise"
-                          ) -> iterators.BatchIterator:
+def iterator_from_records(kind: str, records: Sequence[Any], *, seq_len: int,
+                          batching: Batching, vocab: Any, k_max: int = K_MAX,
+                          on_error: str = "raise") -> iterators.BatchIterator:
   """make_iterator for in-memory records (same arguments and batches)."""
   table, info = table_from_records(kind, records, seq_len=seq_len,
                                    vocab=vocab, k_max=k_max,
                                    policy=common.ErrorPolicy(on_error))
-  return _iterator(table, info, batch_size, seed, infinite, shuffle,
-                   process_index, process_count)
+  return batch_iterator(table, info, batching)
 
 
-def _iterator(table, info, batch_size, seed, infinite, shuffle,
-              process_index, process_count) -> iterators.BatchIterator:
+def batch_iterator(table, info, b: Batching) -> iterators.BatchIterator:
+  """Batches of an example table (`make_table`'s output)."""
   return iterators.BatchIterator(
-      table, batch_size=batch_size, seed=seed,
-      shuffle=infinite if shuffle is None else shuffle, infinite=infinite,
-      process_index=process_index, process_count=process_count,
+      table, batch_size=b.batch_size, seed=b.seed,
+      shuffle=b.infinite if b.shuffle is None else b.shuffle, infinite=b.infinite,
+      process_index=b.process_index, process_count=b.process_count,
       fingerprint=info["fingerprint"], info=info)
 
 

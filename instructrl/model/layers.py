@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -108,18 +109,19 @@ class Attention(nnx.Module):
     dot_product_attention path would transpose the whole cache to [B,S,K,H]
     (a copy per token), which made decoding memory-bound on the copies.
     """
-    cfg = self.cfg
     put = lambda c, x: jax.lax.dynamic_update_slice(
-        c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, cache_index, 0))
+        c, einops.rearrange(x, "b t k h -> b k t h").astype(c.dtype),
+        (0, 0, cache_index, 0))
     ck, cv = put(kv["k"], k), put(kv["v"], v)
-    b, t, n, h = q.shape
-    qg = q.reshape(b, t, cfg.kv_heads, n // cfg.kv_heads, h)  # Query groups (GQA).
+    h = q.shape[-1]
+    # Query heads in groups that share one KV head (GQA).
+    qg = einops.rearrange(q, "b t (k g) h -> b t k g h", k=self.cfg.kv_heads)
     s = jnp.einsum("btkgh,bksh->bkgts", qg, ck.astype(q.dtype),
                    preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
     s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", p, cv.astype(q.dtype)).reshape(b, t, n, h)
-    return out, {"k": ck, "v": cv}
+    out = jnp.einsum("bkgts,bksh->btkgh", p, cv.astype(q.dtype))
+    return einops.rearrange(out, "b t k g h -> b t (k g) h"), {"k": ck, "v": cv}
 
   def __call__(self, x, positions, mask, kv=None, cache_index=None):
     """x: [B,T,D]; mask: bool [B,1,T,S]; kv: {"k","v"} [B,K,S,H] or None."""

@@ -24,11 +24,9 @@ def abstract(model_cls: Callable, cfg: ModelConfig):
 def init_sharded(model_cls: Callable, cfg: ModelConfig, mesh: Mesh, seed: int = 0):
   """Returns (graphdef, params state, shardings), params laid out on `mesh`."""
   graphdef, abstract_state = abstract(model_cls, cfg)
-  shardings = mesh_lib.state_shardings(abstract_state, mesh)
+  shardings = mesh_lib.param_shardings(abstract_state, mesh)
 
   def init(key):
     return nnx.split(model_cls(cfg, nnx.Rngs(key)))[1]
-  init = jax.jit(init, out_shardings=shardings)
-  with jax.set_mesh(mesh):
-    state = init(jax.random.key(seed))
+  state = mesh_lib.jit(init, mesh, out_shardings=shardings)(jax.random.key(seed))
   return graphdef, state, shardings

@@ -6,7 +6,7 @@ Objective (the paper's Eq. 2), maximised over the policy pi:
       + gamma * E_{x~D_pretrain}[ log pi(x) ]
 
 The first term is optimised with PPO's clipped surrogate on GAE advantages of
-the KL-shaped per-token rewards (`rollout.py`); the second is the masked LM
+the KL-shaped per-token rewards (`rl/rollout.py`); the second is the masked LM
 loss on pretraining batches, added to the same minibatch loss with
 coefficient `ptx_coef` (gamma), so both gradients land in one update -- the
 paper computes them in consecutive steps into the same buffer, which is the
@@ -31,7 +31,7 @@ from flax import nnx
 
 from instructrl import losses
 from instructrl import steps
-from instructrl.rollout import Experience, response_logprobs, response_values
+from instructrl.rl.rollout import Experience, response_logprobs, response_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +55,7 @@ def init_state(policy_params, value_params, policy_tx, value_tx, kl_coef: float)
           "step": jnp.zeros((), jnp.int32)}
 
 
-def _policy_loss(params, mb: Experience, ptx, key, graphdef, cfg: PPOConfig):
+def _policy_loss(params, mb: Experience, ptx, graphdef, cfg: PPOConfig):
   logp = response_logprobs(graphdef, params, mb.seq, mb.seq_mask, mb.response)
   loss, metrics = losses.ppo_policy_loss(logp, mb.logp, mb.advantages, mb.mask,
                                          cfg.clip_eps)
@@ -66,7 +66,6 @@ def _policy_loss(params, mb: Experience, ptx, key, graphdef, cfg: PPOConfig):
     ptx_loss, _ = losses.masked_lm_loss(logits, ptx["targets"], ptx["loss_mask"])
     loss = loss + cfg.ptx_coef * ptx_loss
     metrics["ptx_loss"] = ptx_loss
-  del key
   return loss, metrics
 
 
@@ -78,9 +77,9 @@ def _value_loss(params, mb: Experience, graphdef, cfg: PPOConfig):
 
 
 def _minibatch_update(state, xs, *, graphdefs, txs, cfg: PPOConfig):
-  mb, ptx, key = xs
+  mb, ptx = xs
   (_, pm), g = jax.value_and_grad(_policy_loss, has_aux=True)(
-      state["params"], mb, ptx, key, graphdefs["policy"], cfg)
+      state["params"], mb, ptx, graphdefs["policy"], cfg)
   updates, opt_state = txs["policy"].update(g, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   (_, vm), vg = jax.value_and_grad(_value_loss, has_aux=True)(
@@ -126,8 +125,7 @@ def learn(state, exp: Experience, ptx, rng, rollout_kl, *, graphdefs, txs,
   def epoch(s, e):
     k = jax.random.fold_in(key, e)
     mbs = _minibatches(exp, n, jax.random.permutation(k, b))
-    keys = jax.random.split(k, n)
-    return jax.lax.scan(update, s, (mbs, ptx_mb, keys))
+    return jax.lax.scan(update, s, (mbs, ptx_mb))
   state, metrics = jax.lax.scan(epoch, state, jnp.arange(cfg.epochs))
   metrics = jax.tree.map(jnp.mean, metrics)
   kl_coef = state["kl_coef"]

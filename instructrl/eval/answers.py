@@ -13,8 +13,9 @@ def prompt_batches(texts, *, vocab, seq_len: int, batch_size: int, tag: str = "p
   from instructrl.data import common as dcommon  # pylint: disable=g-import-not-at-top
   from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
   records = [dcommon.PromptRecord(t, f"{tag}:{i}") for i, t in enumerate(texts)]
-  return pipeline.iterator_from_records("prompts", records, batch_size=batch_size,
-                                        seq_len=seq_len, vocab=vocab, infinite=False)
+  return pipeline.iterator_from_records(
+      "prompts", records, seq_len=seq_len, vocab=vocab,
+      batching=pipeline.Batching(batch_size=batch_size, infinite=False))
 
 
 def decode(vocab, batch, out) -> list[str]:

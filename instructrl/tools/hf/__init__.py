@@ -11,17 +11,18 @@ here and memory-mapped, so with a mesh each device reads only its slices).
 Exports load with `transformers.AutoModelForCausalLM.from_pretrained`.
 TensorFlow and seqio are imported only by `load_vocabulary`.
 """
-from instructrl.hf.convert import (Pretrained, hf_config_from_model, hf_tensors,
-                                   load_pretrained, model_config_from_hf,
-                                   read_hf_config, save_pretrained)
-from instructrl.hf.safetensors_io import (read_checkpoint, read_safetensors,
-                                          write_safetensors)
+from instructrl.tools.hf.convert import (Pretrained, hf_config_from_model,
+                                         hf_tensors, load_pretrained,
+                                         model_config_from_hf, read_hf_config,
+                                         save_pretrained)
+from instructrl.tools.hf.safetensors_io import (read_checkpoint, read_safetensors,
+                                                write_safetensors)
 
 
 def load_vocabulary(path: str):
-  """The checkpoint's tokenizer as a seqio.Vocabulary (see `hf.vocab`)."""
-  from instructrl.hf import vocab  # pylint: disable=g-import-not-at-top
-  return vocab.load_vocabulary(path)
+  """The checkpoint's tokenizer as a seqio.Vocabulary (see `hf.tokenizer`)."""
+  from instructrl.tools.hf import tokenizer  # pylint: disable=g-import-not-at-top
+  return tokenizer.load_vocabulary(path)
 
 
 __all__ = ["Pretrained", "hf_config_from_model", "hf_tensors", "load_pretrained",

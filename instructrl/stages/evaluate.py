@@ -9,6 +9,7 @@ held-out pretraining-corpus loss (the alignment tax). Writes
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,16 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from instructrl import evaluation
+
 from instructrl import mesh as mesh_lib
-from instructrl import rollout as rollout_lib
-from instructrl.model import LanguageModel, ScalarModel
+from instructrl.eval import answers as answers_lib
+from instructrl.eval import judge
+from instructrl.model import LanguageModel, ModelConfig, ScalarModel
 from instructrl.model.sharded import abstract
+from instructrl.rl import rollout as rollout_lib
 from instructrl.sampling import SampleConfig, make_sampler
-from instructrl.train import answers as answers_lib
-from instructrl.train import common
-from instructrl.train.stages import (_batch_eval, _iterator, _lm_eval_step,
-                                     model_config, rm_key, rm_model_config)
+from instructrl.stages import inputs
+from instructrl.stages import lm
+from instructrl.stages import loop
+from instructrl.stages.validate import check_stage
 
 MODELS = (("base", "pretrain"), ("sft", "sft"), ("ppo", "ppo"), ("ppo_ptx", "ppo_ptx"))
 
@@ -45,18 +48,44 @@ def _fewshot_prefix(config, n: int) -> str:
   return "".join(picked)
 
 
-def _programs(config, g_lm, sh_lm, g_rm, mesh) -> dict:
-  """The compiled programs every model's answers go through, built once."""
+@dataclasses.dataclass(frozen=True)
+class Programs:
+  """The compiled programs every model's answers go through, built once.
+
+  greedy/sample: samplers `(params, prompt_tokens, prompt_mask, key)`;
+  score: the RM at each row's last token `(rm, seq, seq_mask)`; ref_logp:
+  SFT log-probs of a response `(sft, seq, seq_mask, response)`; lm_eval:
+  held-out corpus loss `(params, batch)`.
+  """
+  cfg: ModelConfig
+  rm_cfg: ModelConfig
+  graphdef: object
+  rm_graphdef: object
+  shardings: object  # The policy's parameters.
+  greedy: mesh_lib.Jitted
+  sample: mesh_lib.Jitted
+  score: mesh_lib.Jitted
+  ref_logp: mesh_lib.Jitted
+  lm_eval: mesh_lib.Jitted
+
+
+def build(config, mesh, stage: str = "eval") -> Programs:
   from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
+  del stage
+  cfg, rm_cfg = inputs.model_config(config), inputs.rm_model_config(config)
+  g_lm, abs_lm = abstract(LanguageModel, cfg)
+  g_rm, _ = abstract(ScalarModel, rm_cfg)
+  sh_lm = mesh_lib.param_shardings(abs_lm, mesh)
   n = config.eval.max_new_tokens
-  return {
-      "greedy": make_sampler(g_lm, sh_lm, SampleConfig(n, 0.0, eos_id=EOS_ID), mesh),
-      "sample": make_sampler(g_lm, sh_lm, SampleConfig(n, 1.0, eos_id=EOS_ID), mesh),
-      "score": common.mesh_jit(
+  return Programs(
+      cfg, rm_cfg, g_lm, g_rm, sh_lm,
+      greedy=make_sampler(g_lm, sh_lm, SampleConfig(n, 0.0, eos_id=EOS_ID), mesh),
+      sample=make_sampler(g_lm, sh_lm, SampleConfig(n, 1.0, eos_id=EOS_ID), mesh),
+      score=mesh_lib.jit(
           lambda p, s, m: rollout_lib.sequence_scores(g_rm, p, s, m), mesh),
-      "ref_logp": common.mesh_jit(
+      ref_logp=mesh_lib.jit(
           lambda p, s, m, r: rollout_lib.response_logprobs(g_lm, p, s, m, r), mesh),
-  }
+      lm_eval=lm.lm_eval_program(g_lm, None, None, mesh).fn)
 
 
 def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
@@ -67,12 +96,12 @@ def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
   for i, batch in enumerate(it):
     b = mesh_lib.put_batch(batch, mesh)
     prompt = (b["prompt_tokens"], b["prompt_mask"])
-    out = progs["greedy"](params, *prompt, jax.random.key(0))
+    out = progs.greedy(params, *prompt, jax.random.key(0))
     seq_mask = jnp.concatenate([b["prompt_mask"], out.response_mask], axis=1)
-    s = progs["score"](rm, out.tokens, seq_mask)
-    smp = progs["sample"](params, *prompt, jax.random.key(i + 1))
+    s = progs.score(rm, out.tokens, seq_mask)
+    smp = progs.sample(params, *prompt, jax.random.key(i + 1))
     sm = jnp.concatenate([b["prompt_mask"], smp.response_mask], axis=1)
-    ref_lp = progs["ref_logp"](sft, smp.tokens, sm, smp.response)
+    ref_lp = progs.ref_logp(sft, smp.tokens, sm, smp.response)
     kl = jnp.sum(jnp.where(smp.response_mask, smp.logp_raw - ref_lp, 0.0), axis=1)
     real = np.asarray(batch["prompt_mask"]).any(axis=1)
     answers.extend(answers_lib.decode(vocab, batch, out))
@@ -81,47 +110,39 @@ def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
   return answers[:len(texts)], float(np.mean(scores)), float(np.mean(kls))
 
 
-def run_eval_stage(config, workdir: str, mesh) -> dict:
+def run(config, workdir: str, mesh, stage: str = "eval") -> dict:
   from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
+  check_stage(config, "eval", mesh)
   t0 = time.monotonic()
   ec = config.eval
-  cfg, rm_cfg = model_config(config), rm_model_config(config)
-  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
-  # The RM scores the base model's answers after the few-shot prompt too.
-  for name, max_len in (("model", cfg.max_len), (rm_key(config), rm_cfg.max_len)):
-    if ec.fewshot_prompt_len + ec.max_new_tokens > max_len:
-      raise common.ConfigError(
-          "config.eval.fewshot_prompt_len + config.eval.max_new_tokens exceeds "
-          f"config.{name}.max_len={max_len}")
+  progs = build(config, mesh, stage)
+  vocab = inputs.vocabulary(config)
   prompts = pipeline.get_prompts("world", "test", world=dict(config.data.world))
   if ec.num_prompts:
     prompts = prompts[:ec.num_prompts]
-  g_lm, abs_lm = abstract(LanguageModel, cfg)
-  g_sc, abs_sc = abstract(ScalarModel, rm_cfg)
-  sh_lm = mesh_lib.state_shardings(abs_lm, mesh)
-  rm = common.load_export(workdir, "rm", abs_sc, mesh_lib.state_shardings(abs_sc, mesh))
-  sft = common.load_export(workdir, "sft", abs_lm, sh_lm)
-  progs = _programs(config, g_lm, sh_lm, g_sc, mesh)
-  lm_eval = _lm_eval_step(g_lm, mesh)
-  heldout = _iterator(config, "lm", config.pretrain.data, "validation",
-                      ec.batch_size, config.pretrain.seq_len, config.seed,
-                      infinite=False)
+  _, rm, _ = inputs.load_model(workdir, "rm", ScalarModel, progs.rm_cfg, mesh)
+  _, abs_lm = abstract(LanguageModel, progs.cfg)
+  sh_lm = progs.shardings
+  sft = loop.load_export(workdir, "sft", abs_lm, sh_lm)
+  heldout = inputs.iterator(config, "lm", config.pretrain.data, "validation",
+                            ec.batch_size, config.pretrain.seq_len, config.seed,
+                            infinite=False)
   prefix = _fewshot_prefix(config, ec.fewshot)
   by_model, extra, samples = {}, {}, []
   for name, stage in MODELS:
-    if not common.is_done(workdir, stage):
+    if not loop.is_done(workdir, stage):
       continue
-    params = sft if stage == "sft" else common.load_export(workdir, stage, abs_lm, sh_lm)
+    params = sft if stage == "sft" else loop.load_export(workdir, stage, abs_lm, sh_lm)
     texts = [(prefix if name == "base" else "") + p.text for p in prompts]
     seq_len = ec.fewshot_prompt_len if name == "base" else config.ppo.prompt_len
     answers, score, kl = _answers(config, progs, params, texts, seq_len, mesh, rm,
                                   sft, vocab)
     by_model[name] = answers
-    lm = _batch_eval(lm_eval, params, heldout, mesh, ec.heldout_batches)
-    extra[name] = {"rm_score": score, "kl_to_sft": kl, "heldout_lm_loss": lm["loss"]}
+    held = loop.batch_eval(progs.lm_eval, params, heldout, mesh, ec.heldout_batches)
+    extra[name] = {"rm_score": score, "kl_to_sft": kl, "heldout_lm_loss": held["loss"]}
   from instructrl.data import world  # pylint: disable=g-import-not-at-top
   sign_off = world.SIGN_OFF if config.data.world.get("sign_off", 0.0) > 0 else ""
-  report = evaluation.summarise(prompts, by_model, "sft", extra, sign_off=sign_off)
+  report = judge.summarise(prompts, by_model, "sft", extra, sign_off=sign_off)
   out = os.path.join(workdir, "eval")
   os.makedirs(out, exist_ok=True)
   for name, answers in by_model.items():
@@ -133,7 +154,7 @@ def run_eval_stage(config, workdir: str, mesh) -> dict:
     f.writelines(json.dumps(s) + "\n" for s in samples)
   with open(os.path.join(out, "report.json"), "w") as f:
     json.dump(report, f, indent=1)
-  from instructrl import plot  # pylint: disable=g-import-not-at-top
+  from instructrl.eval import plot  # pylint: disable=g-import-not-at-top
   plot.eval_plots(workdir, report)
-  print(evaluation.table(report))
+  print(judge.table(report))
   return {"stage": "eval", "report": report, "wall_s": time.monotonic() - t0}

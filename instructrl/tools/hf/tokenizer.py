@@ -2,7 +2,7 @@
 
 `tokenizer.model` (SentencePiece) goes through seqio's own vocabulary;
 otherwise `tokenizer.json` is wrapped with the `tokenizers` library. Only
-`instructrl.hf.load_vocabulary` imports this module, so `instructrl.hf`
+`instructrl.tools.hf.load_vocabulary` imports this module, so `instructrl.tools.hf`
 itself imports without TensorFlow.
 """
 from __future__ import annotations

@@ -1,11 +1,13 @@
 """The host loop every stage shares: restore, step, log, evaluate, save, export.
 
-A stage owns `WORKDIR/<stage>/`: `ckpt/` (orbax, resumable), `best/` (the
-parameters with the best validation metric so far) and `export/` (the
-stage's result, read by later stages; `export/info.json` marks it done).
+A stage owns `WORKDIR/<stage>/`: `ckpt/` (orbax: the latest checkpoints, plus
+the one with the best validation metric when the stage evaluates) and
+`export/` (the stage's result, read by later stages; `export/info.json`
+marks it done).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -19,10 +21,7 @@ from flax import nnx
 from instructrl import checkpoint as ckpt_lib
 from instructrl import mesh as mesh_lib
 from instructrl import metrics as metrics_lib
-
-
-class ConfigError(ValueError):
-  """A user mistake in the config: main prints one line and exits non-zero."""
+from instructrl.stages.validate import ConfigError
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -38,7 +37,7 @@ def read_info(workdir: str, stage: str) -> dict:
     return json.load(f)
 
 
-def _save_params(path: str, params) -> None:
+def save_params(path: str, params) -> None:
   """Writes params atomically: to a temp dir, then rename over the old one."""
   tmp = path + ".tmp"
   shutil.rmtree(tmp, ignore_errors=True)
@@ -51,7 +50,7 @@ def _save_params(path: str, params) -> None:
 
 
 def load_params(path: str, abstract_params, shardings):
-  """Reads params saved by `_save_params` straight into their shardings."""
+  """Reads params saved by `save_params` straight into their shardings."""
   if not os.path.isdir(path):
     raise ConfigError(f"no parameters at {path}")
   target = ckpt_lib.abstract_like(nnx.to_pure_dict(abstract_params),
@@ -71,7 +70,7 @@ def export(workdir: str, stage: str, params, info: dict) -> None:
                              f"({', '.join(bad[:3])})")
   out = os.path.join(stage_dir(workdir, stage), "export")
   os.makedirs(out, exist_ok=True)
-  _save_params(os.path.join(out, "params"), params)
+  save_params(os.path.join(out, "params"), params)
   if jax.process_index() == 0:
     tmp = os.path.join(out, "info.json.tmp")
     with open(tmp, "w") as f:
@@ -87,63 +86,101 @@ def load_export(workdir: str, stage: str, abstract_params, shardings):
   return load_params(path, abstract_params, shardings)
 
 
-def train_loop(*, stage: str, workdir: str, state, shardings, step_fn: Callable,
-               batches: Iterator, mesh, num_steps: int, seed: int,
-               log_every: int = 10, save_every: int = 100, keep: int = 2,
-               eval_every: int = 0, eval_fn: Callable | None = None,
-               eval_key: str = "loss", eval_mode: str = "min",
-               tokens_per_step: int = 0, meta: dict | None = None):
-  """Runs `step_fn` to `num_steps`, resuming from WORKDIR/<stage>/ckpt.
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """How `train_loop` runs one stage.
 
-  `eval_fn(params) -> metrics` runs every `eval_every` steps and at the end;
-  the params with the best `eval_key` are kept in `best/` and returned (the
-  paper keeps the best SFT model by validation). Returns (state, best_params,
-  summary dict).
+  `eval_key`/`eval_mode`: the validation metric (from `eval_fn`) whose best
+  checkpoint is kept and whose params the loop returns (the paper keeps the
+  best SFT model by validation).
   """
-  sdir = stage_dir(workdir, stage)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(sdir, "ckpt"), max_to_keep=keep,
-                               save_every=save_every)
+  stage: str
+  num_steps: int
+  seed: int
+  log_every: int = 10
+  save_every: int = 100
+  keep: int = 2
+  eval_every: int = 0
+  eval_key: str = "loss"
+  eval_mode: str = "min"
+  tokens_per_step: int = 0
+
+  @classmethod
+  def of(cls, stage: str, section, num_steps: int, seed: int, **kw) -> LoopConfig:
+    """From a stage's config section (its log_every/save_every/eval_every)."""
+    return cls(stage=stage, num_steps=num_steps, seed=seed,
+               log_every=section.log_every, save_every=section.save_every,
+               eval_every=section.get("eval_every", 0), **kw)
+
+
+def _better(value: float, best, mode: str) -> bool:
+  # Strictly better: of equal values the earliest step stays the best.
+  return best is None or (value < best if mode == "min" else value > best)
+
+
+def train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn: Callable,
+               batches: Iterator, mesh, eval_fn: Callable | None = None,
+               config_json: str | None = None):
+  """Runs `step_fn` to `lc.num_steps`, resuming from WORKDIR/<stage>/ckpt.
+
+  `eval_fn(params) -> metrics` runs every `lc.eval_every` steps and at the
+  end. A checkpoint that improves the validation metric is saved with it,
+  and orbax keeps it beside the latest `lc.keep`. Returns (state,
+  best_params, summary dict).
+  """
+  sdir = stage_dir(workdir, lc.stage)
+  best_metric = f"val_{lc.eval_key}" if eval_fn is not None else None
+  ckpt = ckpt_lib.Checkpointer(os.path.join(sdir, "ckpt"), max_to_keep=lc.keep,
+                               save_every=lc.save_every, best_metric=best_metric,
+                               best_mode=lc.eval_mode)
   best = {"value": None, "step": None}
   if ckpt.latest_step() is not None:
     target = ckpt_lib.abstract_like(state, shardings)
     state, data_state, saved_meta = ckpt.restore(abstract_state=target)
     batches.set_state(data_state)
     best = saved_meta.get("best", best)
-  writer = metrics_lib.MetricsWriter(workdir, stage)
-  if meta:
-    writer.write_config(meta.get("config", {}))
-  progress = metrics_lib.Progress(num_steps, stage)
-  rng = jax.random.key(seed)
+  writer = metrics_lib.MetricsWriter(workdir, lc.stage)
+  if config_json is not None:
+    writer.write_config(config_json)
+  progress = metrics_lib.Progress(lc.num_steps, lc.stage)
+  rng = jax.random.key(lc.seed)
   step = int(jax.device_get(state["step"]))
   start, start_step = time.monotonic(), step
   last = {}
   try:
-    while step < num_steps:
+    while step < lc.num_steps:
       batch = mesh_lib.put_batch(next(batches), mesh)
       state, metrics = step_fn(state, batch, rng)
       step += 1
-      final = step == num_steps
-      do_eval = eval_fn is not None and (final or (eval_every and step % eval_every == 0))
-      if step % log_every == 0 or final or step % save_every == 0 or do_eval:
+      final = step == lc.num_steps
+      do_eval = eval_fn is not None and (
+          final or (lc.eval_every and step % lc.eval_every == 0))
+      improved = None
+      if step % lc.log_every == 0 or final or step % lc.save_every == 0 or do_eval:
         host = metrics_lib.to_host(metrics)
         metrics_lib.check_finite(host, step)  # Before any save of this state.
         rate = (step - start_step) / max(time.monotonic() - start, 1e-9)
-        host.update(steps_per_s=rate, tokens_per_s=rate * tokens_per_step)
+        host.update(steps_per_s=rate, tokens_per_s=rate * lc.tokens_per_step)
         if do_eval:
           ev = {f"val_{k}": v for k, v in metrics_lib.to_host(
               eval_fn(state["params"])).items()}
           host.update(ev)
-          value = float(ev[f"val_{eval_key}"])
-          better = best["value"] is None or (value < best["value"] if eval_mode == "min"
-                                             else value > best["value"])
-          if better:
-            best = {"value": value, "step": step}
-            _save_params(os.path.join(sdir, "best"), state["params"])
+          if _better(float(ev[best_metric]), best["value"], lc.eval_mode):
+            best = {"value": float(ev[best_metric]), "step": step}
+            improved = {best_metric: best["value"]}
         writer.write(step, host)
         last = host
-      progress.update(step, tokens=tokens_per_step)
+      progress.update(step, tokens=lc.tokens_per_step)
       ckpt.save(step, state, data_state=batches.get_state(),
-                meta={"best": best, "stage": stage}, force=final)
+                meta={"best": best, "stage": lc.stage}, metrics=improved,
+                force=final or improved is not None)
+    best_params = state["params"]
+    best_step = ckpt.best_step()
+    if best_step is not None and best_step != step:
+      ckpt.wait()
+      restored, _, _ = ckpt.restore(best_step, abstract_state=ckpt_lib.abstract_like(
+          state, shardings))
+      best_params = restored["params"]
   finally:
     # Also when halting on a NaN loss: the pending async saves hold good
     # states; without this wait the interpreter exits mid-save and the
@@ -151,28 +188,23 @@ def train_loop(*, stage: str, workdir: str, state, shardings, step_fn: Callable,
     ckpt.close()
     writer.close()
     progress.close()
-  best_params = state["params"]
-  if best["step"] is not None and best["step"] != step:
-    best_params = load_params(os.path.join(sdir, "best"),
-                              jax.tree.map(lambda x: x, state["params"]),
-                              shardings["params"])
   summary = {"steps": step, "best": best, "last": last}
   return state, best_params, summary
 
 
-def mesh_jit(fn: Callable, mesh, **jit_kwargs) -> Callable:
-  """`jax.jit(fn, **jit_kwargs)`, called under `jax.set_mesh(mesh)`.
-
-  The model's `mesh.constrain` calls only take effect with a mesh set, so
-  every program that runs a model is called this way.
-  """
-  jitted = jax.jit(fn, **jit_kwargs)
-
-  def run(*args):
-    with jax.set_mesh(mesh):
-      return jitted(*args)
-  run.jitted = jitted
-  return run
+def batch_eval(eval_step, params, it, mesh, max_batches=None) -> dict:
+  """Means of `eval_step` metrics over a one-pass iterator (weights: 'weight')."""
+  totals, weight = {}, 0.0
+  it.step = 0  # One-pass iterators are reused for every evaluation.
+  for i, batch in enumerate(it):
+    if max_batches and i >= max_batches:
+      break
+    m = jax.device_get(eval_step(params, mesh_lib.put_batch(batch, mesh)))
+    w = float(m.pop("weight"))
+    for k, v in m.items():
+      totals[k] = totals.get(k, 0.0) + float(v) * w
+    weight += w
+  return {k: v / max(weight, 1e-9) for k, v in totals.items()}
 
 
 class JointBatches:

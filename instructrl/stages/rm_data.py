@@ -19,17 +19,16 @@ import os
 
 import numpy as np
 
-from instructrl import mesh as mesh_lib
+from instructrl.eval import answers
 from instructrl.model import LanguageModel
-from instructrl.model.sharded import abstract
 from instructrl.sampling import SampleConfig, make_sampler
-from instructrl.train import answers
-from instructrl.train import common
+from instructrl.stages import inputs
+from instructrl.stages import loop
 
 
 def data_spec(workdir: str) -> str:
   """The jsonl spec of the sampled comparisons ({split} is filled per split)."""
-  return "jsonl:" + os.path.join(common.stage_dir(workdir, "rm"), "data",
+  return "jsonl:" + os.path.join(loop.stage_dir(workdir, "rm"), "data",
                                  "comparisons_{split}.jsonl")
 
 
@@ -46,16 +45,13 @@ def tied_ranks(u: np.ndarray, rng: np.random.Generator, temperature: float) -> l
 
 def _samples(config, workdir, mesh, texts, n_per_prompt):
   """Decoded temperature-1 SFT samples: n_per_prompt[i] answers to texts[i]."""
-  from instructrl.data import EOS_ID, pipeline  # pylint: disable=g-import-not-at-top
-  from instructrl.train.stages import model_config  # pylint: disable=g-import-not-at-top
+  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
   sc = config.rm
-  cfg = model_config(config)
-  g, abs_lm = abstract(LanguageModel, cfg)
-  sh = mesh_lib.state_shardings(abs_lm, mesh)
-  params = common.load_export(workdir, "sft", abs_lm, sh)
+  g, params, sh = inputs.load_model(workdir, "sft", LanguageModel,
+                                    inputs.model_config(config), mesh)
   sampler = make_sampler(g, sh, SampleConfig(sc.sample_new_tokens, sc.sample_temperature,
                                              eos_id=EOS_ID), mesh)
-  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+  vocab = inputs.vocabulary(config)
   owner = np.repeat(np.arange(len(texts)), n_per_prompt)
   flat = answers.generate(sampler, params, [texts[i] for i in owner], mesh, vocab=vocab,
                           seq_len=config.ppo.prompt_len,
@@ -67,7 +63,7 @@ def _samples(config, workdir, mesh, texts, n_per_prompt):
   return out
 
 
-def build(config, workdir: str, mesh, split: str) -> dict:
+def write_comparisons(config, workdir: str, mesh, split: str) -> dict:
   """Samples, labels and writes one split's comparisons; returns counts."""
   from instructrl.data import labelers, world  # pylint: disable=g-import-not-at-top
   path = data_spec(workdir)[len("jsonl:"):].format(split=split)

@@ -1,7 +1,7 @@
 """PNG plots from a workdir: win-rate bars (the paper's Figure 1), training
 curves of every stage, and the coefficient sweeps of the notebooks.
 
-    python -m instructrl.plot --workdir=DIR [--out=DIR/plots]
+    python -m instructrl.eval.plot --workdir=DIR [--out=DIR/plots]
 
 writes DIR/plots/<stage>.png for every stage in DIR/metrics.jsonl (loss,
 accuracy, reward, KL, ptx loss, ... with validation next to training) and,
@@ -217,7 +217,7 @@ def main(argv) -> None:
   for a in it:
     name, eq, value = a.lstrip("-").partition("=")
     if name not in args:
-      sys.exit(f"usage: python -m instructrl.plot --workdir=DIR [--out=DIR]; "
+      sys.exit(f"usage: python -m instructrl.eval.plot --workdir=DIR [--out=DIR]; "
                f"unknown argument {a!r}")
     args[name] = value if eq else next(it, None)
   workdir = args["workdir"]

@@ -1,22 +1,32 @@
 """Compiles the real training programs for a real TPU slice, from a CPU host.
 
-    python -m instructrl.aot --config=configs/ppo_ptx_175b.py [--programs=all]
+    python -m instructrl.tools.aot --config=configs/ppo_ptx_175b.py [--programs=all]
 
 libtpu (`pip install -e ".[tpu]"`) describes the slice named by `config.tpu`;
-we lay `config.mesh` over its chips, give the programs abstract inputs
-(`instructrl.aot_programs`: `jax.ShapeDtypeStruct`s with training's
+we lay `config.mesh` over its chips, take the programs each stage's `build`
+returns with their abstract inputs (`jax.ShapeDtypeStruct`s with training's
 `NamedSharding`s) and let XLA:TPU compile them. XLA:TPU refuses a program
 that does not fit in HBM, so "it compiles" means "it fits". Per program and
 chip we print argument, output, temporary and total bytes against HBM, FLOPs
 per step and the step time at a stated MFU, then one JSON line. jax itself
 stays on the CPU (JAX_PLATFORMS).
 
-Programs (see `instructrl.aot_programs`): sft, rm, ppo_learn, rollout. XLA's
-`cost_analysis` counts a loop body once (one layer under scan_layers), so
-its FLOPs are printed beside the model FLOPs, not instead of them.
+Programs, each exactly what its stage's `build` returns (so a plan cannot
+drift from a run):
+  sft        stages.lm.build(...).train      steps.train_step, config.sft
+  rm         stages.rm.build(...).train      Eq. 1, config.rm_model's shape
+  ppo_learn  stages.ppo.build(...).learn     epochs x minibatches of PPO-ptx
+  rollout    stages.ppo.build(...).rollout   sampler, reference, RM, values
+"model" FLOPs (what MFU is defined against) count the matmuls of the useful
+passes, remat recompute not included. XLA's `cost_analysis` counts a loop
+body once (one layer under scan_layers), so its FLOPs are printed beside the
+model FLOPs, not instead of them. The rollout's decode floor: each decode
+step reads the policy's weights (bf16, split over the tensor axis) and this
+chip's KV cache from HBM; ICI time not included.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -27,12 +37,12 @@ import time
 import jax
 
 from instructrl import mesh as mesh_lib
-# PROGRAMS, Program and build_programs are used here; the rest is
-# re-exported, as it lived here before the programs got their own module.
-from instructrl.aot_programs import (  # pylint: disable=unused-import
-    LM_KEYS, PROGRAMS, Program, build_programs, forward_flops,
-    ppo_learn_program, rm_model_config, rm_program, rollout_program,
-    sft_program)
+from instructrl.model import ModelConfig
+from instructrl.stages import lm
+from instructrl.stages import ppo
+from instructrl.stages import rm
+
+PROGRAMS = ("sft", "rm", "ppo_learn", "rollout")
 
 GiB = 1024**3
 # device_kind -> (name, HBM bytes, peak bf16 FLOP/s, HBM bytes/s), per chip.
@@ -97,18 +107,81 @@ def _oom_bytes(message: str) -> float | None:
   return float(m.group(1)) * 1024**" KMGT".index(m.group(2)) if m else None
 
 
-def compile_program(p: Program, mesh, spec: dict, mfu: float) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Planned:
+  """One program of a stage, with the figures the plan reports beside XLA's."""
+  name: str
+  program: mesh_lib.Program
+  model_flops: float  # One step, all chips together.
+  decode_bytes: float = 0.0  # Rollout: HBM bytes per chip per decode token.
+  decode_tokens: int = 0
+  # PPO: bytes per chip of every model's state, which stays in HBM while
+  # either program runs (a program's arguments hold only what it reads).
+  resident_bytes: float = 0.0
+
+
+def forward_flops(cfg: ModelConfig, tokens: float, context: float,
+                  lm_head: bool = True) -> float:
+  """Matmul FLOPs of a forward pass: `tokens` tokens, each attending to `context`."""
+  d, f = cfg.d_model, cfg.ff_dim
+  q = cfg.num_heads * cfg.dim_per_head
+  kv = cfg.kv_heads * cfg.dim_per_head
+  mlp = (2 if cfg.style == "gpt" else 3) * d * f
+  layer = 2 * (2 * d * q + 2 * d * kv + mlp) + 2 * 2 * q * context
+  head = 2 * d * cfg.vocab_size if lm_head else 2 * d
+  return tokens * (cfg.num_layers * layer + head)
+
+
+def _ppo_programs(config, mesh, p: ppo.Programs) -> list[Planned]:
+  sc = config.ppo
+  b, l, n = sc.batch_size, sc.prompt_len, sc.max_new_tokens
+  t = l + n
+  cfg, rm_cfg = p.cfg, p.rm_cfg
+  learn = 3 * (forward_flops(cfg, b * t, t) + forward_flops(rm_cfg, b * t, t, False))
+  if p.ptx_coef:
+    r, tp = sc.ptx_ratio * b, sc.ptx_seq_len
+    learn += 3 * forward_flops(cfg, r * tp, tp)
+  sample = (forward_flops(cfg, b * l, t) + forward_flops(cfg, b * n, t)
+            + forward_flops(cfg, b * t, t) + 2 * forward_flops(rm_cfg, b * t, t, False))
+  shape = dict(mesh.shape)  # Decode floor: see the module docstring.
+  kv = (cfg.num_layers * b * t * 2 * cfg.kv_heads * cfg.dim_per_head * 2
+        / math.prod(shape.values()))
+  weights = cfg.num_params() * 2 / shape["tensor"]
+  resident = ppo.resident_bytes(p)
+  return [Planned("ppo_learn", p.learn, sc.epochs * learn, resident_bytes=resident),
+          Planned("rollout", p.rollout, sample, weights + kv, n, resident)]
+
+
+def build_programs(config, mesh, names) -> list[Planned]:
+  """The named programs, from the stages' own `build` functions."""
+  out, ppo_planned = [], None
+  for name in names:
+    if name == "sft":
+      p, t = lm.build(config, mesh, "sft"), config.sft.seq_len
+      out.append(Planned("sft", p.train, 3 * forward_flops(p.cfg, p.rows * t, t)))
+    elif name == "rm":
+      p = rm.build(config, mesh)
+      rows, k, t = p.train.args[1]["tokens"].shape
+      out.append(Planned("rm", p.train, 3 * forward_flops(p.cfg, rows * k * t, t,
+                                                           False)))
+    else:
+      if ppo_planned is None:
+        stage = "ppo" if config.stage == "ppo" else "ppo_ptx"
+        ppo_planned = dict((q.name, q) for q in _ppo_programs(
+            config, mesh, ppo.build(config, mesh, stage)))
+      out.append(ppo_planned[name])
+  return out
+
+
+def compile_program(p: Planned, spec: dict, mfu: float) -> dict:
   """Lowers and compiles `p`; returns its per-chip figures."""
-  jitted = jax.jit(p.fn, in_shardings=p.in_shardings, out_shardings=p.out_shardings,
-                   donate_argnums=p.donate)
   t0 = time.monotonic()
   row = dict(program=p.name, model_flops_per_chip=p.model_flops / spec["devices"])
   row["step_s_at_mfu"] = row["model_flops_per_chip"] / (spec["peak"] * mfu)
   if p.decode_tokens:
     row["decode_floor_s"] = p.decode_tokens * p.decode_bytes / spec["hbm_bw"]
   try:
-    with jax.set_mesh(mesh):
-      compiled = jitted.lower(*p.args).compile()
+    compiled = p.program.lower().compile()
   except Exception as e:  # pylint: disable=broad-except
     text = str(e)
     if "RESOURCE_EXHAUSTED" not in text and "memory" not in text.lower():
@@ -151,7 +224,7 @@ def plan(config, programs=None, mfu: float = 0.4, devices=None) -> list[dict]:
                 **{k: spec[k] for k in ("chip", "chips", "devices", "hbm")})
   rows = []
   for p in build_programs(config, mesh, names):
-    rows.append(dict(common, **compile_program(p, mesh, spec, mfu)))
+    rows.append(dict(common, **compile_program(p, spec, mfu)))
   return rows
 
 

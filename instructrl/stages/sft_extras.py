@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from instructrl import mesh as mesh_lib
-from instructrl import rollout as rollout_lib
+from instructrl.rl import rollout as rollout_lib
 from instructrl.sampling import SampleConfig, make_sampler
-from instructrl.train import common
+from instructrl.stages import loop
 
 
 def ptx_rows(batch_size: int, frac: float, multiple: int) -> int:
@@ -46,9 +46,9 @@ def _concat_rows(a, b):
   return {k: np.concatenate([a[k], b[k]], axis=0) for k in a}
 
 
-def mixed_batches(sft, ptx) -> common.JointBatches:
+def mixed_batches(sft, ptx) -> loop.JointBatches:
   """SFT rows followed by pretraining rows; one joint resumable state."""
-  return common.JointBatches(sft, ptx, _concat_rows, names=("sft", "ptx"))
+  return loop.JointBatches(sft, ptx, _concat_rows, names=("sft", "ptx"))
 
 
 def rm_score_eval(lm_graphdef, lm_shardings, rm_graphdef, rm_params, prompts_it,
@@ -56,7 +56,7 @@ def rm_score_eval(lm_graphdef, lm_shardings, rm_graphdef, rm_params, prompts_it,
   """`eval(params) -> {"rm_score"}` over a one-pass prompt iterator."""
   sampler = make_sampler(lm_graphdef, lm_shardings,
                          SampleConfig(max_new_tokens, 0.0, eos_id=eos_id), mesh)
-  score = common.mesh_jit(
+  score = mesh_lib.jit(
       lambda p, s, m: rollout_lib.sequence_scores(rm_graphdef, p, s, m), mesh)
 
   def run(params):

@@ -4,7 +4,7 @@ A quick check between stages, lighter than the eval stage (no RM, no KL, no
 pairwise judging): how good is this SFT (or PPO) model by itself, per
 instruction family?
 
-  python -m instructrl.train.probe --workdir=W --stages=sft,ppo_ptx \
+  python -m instructrl.tools.probe --workdir=W --stages=sft,ppo_ptx \
       --split=validation [--best_of=16] [--config=configs/default.py ...overrides]
 
 `--best_of=N` also samples N answers per prompt at temperature 1 and
@@ -28,11 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from instructrl import mesh as mesh_lib
+from instructrl.eval import answers
 from instructrl.model import LanguageModel, ScalarModel
-from instructrl.model.sharded import abstract
-from instructrl.train import answers
-from instructrl.train import common
-from instructrl.train.stages import model_config, rm_model_config
+from instructrl.stages import evaluate
+from instructrl.stages import inputs
+from instructrl.stages import validate
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "..", "..", "configs", "default.py"))
@@ -45,8 +45,8 @@ _BEST_OF = flags.DEFINE_integer("best_of", 0, "Also report best-of-N statistics.
 
 
 def greedy_answers(config, progs, params, texts, mesh, vocab) -> list[str]:
-  """Decoded greedy answers; `progs` from `evaluate._programs`."""
-  return answers.generate(progs["greedy"], params, texts, mesh, vocab=vocab,
+  """Decoded greedy answers; `progs` from `stages.evaluate.build`."""
+  return answers.generate(progs.greedy, params, texts, mesh, vocab=vocab,
                           seq_len=config.ppo.prompt_len,
                           batch_size=config.eval.batch_size, tag="probe")
 
@@ -70,8 +70,8 @@ def selection_stats(utility, scores) -> dict:
 
 def best_of_n(config, progs, params, rm, prompts, mesh, n: int, vocab,
               seed: int = 0) -> dict:
-  """Samples `n` answers per prompt at temperature 1 (`progs["sample"]`), scores
-  them with the RM (`progs["score"]`); `selection_stats` of them."""
+  """Samples `n` answers per prompt at temperature 1 (`progs.sample`), scores
+  them with the RM (`progs.score`); `selection_stats` of them."""
   utility, scores, start = [], [], 0
   batches = answers.prompt_batches([p.text for p in prompts], vocab=vocab,
                                    seq_len=config.ppo.prompt_len,
@@ -81,10 +81,10 @@ def best_of_n(config, progs, params, rm, prompts, mesh, n: int, vocab,
     real = int(np.asarray(batch["prompt_mask"]).any(axis=1).sum())
     u, r = np.zeros((real, n)), np.zeros((real, n))
     for k in range(n):
-      out = progs["sample"](params, x["prompt_tokens"], x["prompt_mask"],
+      out = progs.sample(params, x["prompt_tokens"], x["prompt_mask"],
                             jax.random.key(seed + b * n + k))
       mask = jnp.concatenate([x["prompt_mask"], out.response_mask], axis=1)
-      r[:, k] = np.asarray(progs["score"](rm, out.tokens, mask))[:real]
+      r[:, k] = np.asarray(progs.score(rm, out.tokens, mask))[:real]
       texts = answers.decode(vocab, batch, out)
       u[:, k] = [p.utility(t) for p, t in zip(prompts[start:start + real], texts)]
     utility.append(u)
@@ -95,22 +95,17 @@ def best_of_n(config, progs, params, rm, prompts, mesh, n: int, vocab,
 
 def main(_):
   from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
-  from instructrl.train.evaluate import _programs  # pylint: disable=g-import-not-at-top
-  from instructrl.train.pipeline import make_mesh  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  mesh = make_mesh(config)
-  graphdef, abs_lm = abstract(LanguageModel, model_config(config))
-  g_rm, abs_rm = abstract(ScalarModel, rm_model_config(config))
-  shardings = mesh_lib.state_shardings(abs_lm, mesh)
-  progs = _programs(config, graphdef, shardings, g_rm, mesh)  # Compiled once.
-  vocab = pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
-  rm = (common.load_export(_WORKDIR.value, "rm", abs_rm,
-                           mesh_lib.state_shardings(abs_rm, mesh))
+  mesh = validate.make_mesh(config)
+  progs = evaluate.build(config, mesh)  # Compiled once, for every stage.
+  vocab = inputs.vocabulary(config)
+  rm = (inputs.load_model(_WORKDIR.value, "rm", ScalarModel, progs.rm_cfg, mesh)[1]
         if _BEST_OF.value else None)
   prompts = pipeline.get_prompts("world", _SPLIT.value,
                                  world=dict(config.data.world))[:_NUM.value]
   for stage in _STAGES.value:
-    params = common.load_export(_WORKDIR.value, stage, abs_lm, shardings)
+    _, params, _ = inputs.load_model(_WORKDIR.value, stage, LanguageModel, progs.cfg,
+                                     mesh)
     got = greedy_answers(config, progs, params, [p.text for p in prompts], mesh, vocab)
     by_family = {}
     for p, a in zip(prompts, got):

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from instructrl import mesh as mesh_lib
-from instructrl.hf.safetensors_io import read_checkpoint, write_safetensors
+from instructrl.tools.hf.safetensors_io import read_checkpoint, write_safetensors
 from instructrl.model import LanguageModel, ModelConfig
 from instructrl.model.sharded import abstract
 
@@ -298,7 +298,7 @@ def _place(pure: dict, cfg: ModelConfig, mesh, where: str):
     values = jax.tree_util.tree_map_with_path(
         lambda p, a, w: put(p, a, w, None), pure, target)
   else:
-    shards = nnx.to_pure_dict(mesh_lib.state_shardings(abs_state, mesh))
+    shards = nnx.to_pure_dict(mesh_lib.param_shardings(abs_state, mesh))
     values = jax.tree_util.tree_map_with_path(put, pure, target, shards)
   state = jax.tree.map(lambda x: x, abs_state)
   nnx.replace_by_pure_dict(state, values)

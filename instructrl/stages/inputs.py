@@ -1,0 +1,99 @@
+"""What every stage reads: model configs, data iterators, initial parameters."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from instructrl import mesh as mesh_lib
+from instructrl.model import LanguageModel, ModelConfig, ScalarModel
+from instructrl.model.sharded import abstract
+from instructrl.stages import loop
+from instructrl.stages.validate import ConfigError, check_init_shape, rm_key
+
+
+def model_config(config, dropout: float = 0.0, **overrides) -> ModelConfig:
+  """The policy's config; `model.vocab_size = 0` means "the vocabulary's size"."""
+  d = dict(config.model)
+  if not d["vocab_size"]:
+    d["vocab_size"] = int(vocabulary(config).vocab_size)
+  d.update(dropout_rate=dropout, **overrides)
+  return ModelConfig.from_dict(d)
+
+
+def rm_model_config(config, dropout: float = 0.0) -> ModelConfig:
+  """The reward and value models' config: `config.rm_model` if the config
+  has one (one 6B RM for every policy size), else the policy's."""
+  if "rm_model" not in config:
+    return model_config(config, dropout)
+  d = dict(config.rm_model, dropout_rate=dropout)
+  vocab = model_config(config).vocab_size
+  if d["vocab_size"] and d["vocab_size"] != vocab:
+    # The RM reads the policy's token ids.
+    raise ConfigError(f"config.{rm_key(config)}.vocab_size={d['vocab_size']} "
+                      f"differs from the policy's vocabulary size {vocab}")
+  d["vocab_size"] = vocab
+  return ModelConfig.from_dict(d)
+
+
+def vocabulary(config):
+  """The data's vocabulary (imports the data layer)."""
+  from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
+  return pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+
+
+def read_options(config):
+  """How this run reads records (`data.pipeline.ReadOptions`)."""
+  from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
+  d = config.data
+  return pipeline.ReadOptions(vocab=d.vocab, world=dict(d.world), on_error=d.on_error,
+                              cache_dir=d.cache_dir or None)
+
+
+def iterator(config, kind: str, spec: str, split: str, batch_size: int, seq_len: int,
+             seed: int, *, infinite: bool = True, groups=None):
+  """This process's resumable batches of `spec` (see `data.pipeline`)."""
+  from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
+  batching = pipeline.Batching(batch_size=batch_size, seed=seed, infinite=infinite,
+                               process_index=jax.process_index(),
+                               process_count=jax.process_count())
+  return pipeline.make_iterator(kind, spec, split, seq_len=seq_len, batching=batching,
+                                read=read_options(config), groups=groups)
+
+
+def load_model(workdir: str, stage: str, model_cls, cfg: ModelConfig, mesh):
+  """(graphdef, params, param shardings) of a finished stage's export."""
+  graphdef, abs_params = abstract(model_cls, cfg)
+  shardings = mesh_lib.param_shardings(abs_params, mesh)
+  return graphdef, loop.load_export(workdir, stage, abs_params, shardings), shardings
+
+
+def init_params(config, workdir, stage: str, model_cls, cfg: ModelConfig, mesh):
+  """Params from a finished stage ("pretrain", "sft", "rm"), a path, or "none"."""
+  init = config[stage].init
+  if init in ("", "none"):
+    return None
+  check_init_shape(config, stage, init)
+  if init in ("pretrain", "sft", "rm"):
+    src_cls = ScalarModel if init == "rm" else LanguageModel
+    _, src, _ = load_model(workdir, init, src_cls, cfg, mesh)
+  else:
+    src_cls = model_cls
+    _, abs_params = abstract(model_cls, cfg)
+    src = loop.load_params(init, abs_params, mesh_lib.param_shardings(abs_params, mesh))
+  if src_cls is model_cls:
+    return src
+  # LM -> scalar model: take the backbone, keep the fresh (zero) scalar head.
+  return transplant_backbone(src, model_cls, cfg, mesh)
+
+
+def transplant_backbone(src_params, model_cls, cfg, mesh, seed: int = 0):
+  """New `model_cls` params whose backbone is copied from `src_params`."""
+  _, abs_params = abstract(model_cls, cfg)
+  shardings = mesh_lib.param_shardings(abs_params, mesh)
+
+  def build(src, key):
+    fresh = nnx.split(model_cls(cfg, nnx.Rngs(key)))[1]
+    fresh["backbone"] = src["backbone"]
+    return fresh
+  return mesh_lib.jit(build, mesh, out_shardings=shardings)(
+      src_params, jax.random.key(seed))
