@@ -249,7 +249,6 @@ def _check_json(name: str, obj) -> None:
     raise TypeError(f"checkpoint: {name} must be a JSON dict: {e}") from e
 
 
-
 _policies = ocp.checkpoint_managers
 
 # orbax logs this on every save without metrics once metrics are stored at

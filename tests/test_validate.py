@@ -84,3 +84,30 @@ def test_finished_stages_are_not_checked_again(tmp_path):
   (tmp_path / "pretrain" / "export" / "info.json").write_text("{}")
   todo = validate.validate(c, str(tmp_path), mesh(), loop.is_done)
   assert "pretrain" not in todo and todo[0] == "sft"
+
+
+def test_checks_that_need_the_whole_step_or_the_models():
+  eight = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  c = load("tiny")
+  c.sft.update(batch_size=8, ptx_frac=0.3, microbatches=8)  # 8 + 4 rows.
+  with pytest.raises(validate.ConfigError, match=r"microbatches=8 .* 12 rows"):
+    validate.check_stage(c, "sft", eight)
+  c = load("tiny")
+  c.eval.batch_size = 6
+  with pytest.raises(validate.ConfigError, match="config.eval.batch_size=6"):
+    validate.check_stage(c, "eval", eight)
+  c = load("tiny")
+  c.rm.sample_batch_size = 6
+  with pytest.raises(validate.ConfigError, match="config.rm.sample_batch_size=6"):
+    validate.check_stage(c, "rm", eight)
+  c = load("tiny")
+  with c.unlocked():
+    c.model.not_a_field = 1
+  with pytest.raises(validate.ConfigError, match=r"^config\.model: "):
+    validate.check_stage(c, "pretrain", mesh())
+  c = load("tiny")
+  with c.unlocked():
+    c.rm_model = c.model.copy_and_resolve_references()
+  c.model.vocab_size, c.rm_model.vocab_size = 259, 300
+  with pytest.raises(validate.ConfigError, match="config.rm_model.vocab_size=300"):
+    validate.check_stage(c, "rm", mesh())

@@ -59,14 +59,12 @@ class Programs:
   """
   cfg: ModelConfig
   rm_cfg: ModelConfig
-  graphdef: object
-  rm_graphdef: object
   shardings: object  # The policy's parameters.
   greedy: mesh_lib.Jitted
   sample: mesh_lib.Jitted
   score: mesh_lib.Jitted
   ref_logp: mesh_lib.Jitted
-  lm_eval: mesh_lib.Jitted
+  lm_eval: mesh_lib.Program  # With abstract args: a batch of held-out corpus.
 
 
 def build(config, mesh, stage: str = "eval") -> Programs:
@@ -77,15 +75,19 @@ def build(config, mesh, stage: str = "eval") -> Programs:
   g_rm, _ = abstract(ScalarModel, rm_cfg)
   sh_lm = mesh_lib.param_shardings(abs_lm, mesh)
   n = config.eval.max_new_tokens
+  held = {k: lm.abstract_rows(mesh, (config.eval.batch_size, config.pretrain.seq_len),
+                              dt) for k, dt in lm.LM_BATCH.items()}
+  abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                              sharding=s), abs_lm, sh_lm)
   return Programs(
-      cfg, rm_cfg, g_lm, g_rm, sh_lm,
+      cfg, rm_cfg, sh_lm,
       greedy=make_sampler(g_lm, sh_lm, SampleConfig(n, 0.0, eos_id=EOS_ID), mesh),
       sample=make_sampler(g_lm, sh_lm, SampleConfig(n, 1.0, eos_id=EOS_ID), mesh),
       score=mesh_lib.jit(
           lambda p, s, m: rollout_lib.sequence_scores(g_rm, p, s, m), mesh),
       ref_logp=mesh_lib.jit(
           lambda p, s, m, r: rollout_lib.response_logprobs(g_lm, p, s, m, r), mesh),
-      lm_eval=lm.lm_eval_program(g_lm, None, None, mesh).fn)
+      lm_eval=lm.lm_eval_program(g_lm, abs_params, held, mesh))
 
 
 def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
@@ -129,16 +131,16 @@ def run(config, workdir: str, mesh, stage: str = "eval") -> dict:
                             infinite=False)
   prefix = _fewshot_prefix(config, ec.fewshot)
   by_model, extra, samples = {}, {}, []
-  for name, stage in MODELS:
-    if not loop.is_done(workdir, stage):
+  for name, source in MODELS:
+    if not loop.is_done(workdir, source):
       continue
-    params = sft if stage == "sft" else loop.load_export(workdir, stage, abs_lm, sh_lm)
+    params = sft if source == "sft" else loop.load_export(workdir, source, abs_lm, sh_lm)
     texts = [(prefix if name == "base" else "") + p.text for p in prompts]
     seq_len = ec.fewshot_prompt_len if name == "base" else config.ppo.prompt_len
     answers, score, kl = _answers(config, progs, params, texts, seq_len, mesh, rm,
                                   sft, vocab)
     by_model[name] = answers
-    held = loop.batch_eval(progs.lm_eval, params, heldout, mesh, ec.heldout_batches)
+    held = loop.batch_eval(progs.lm_eval.fn, params, heldout, mesh, ec.heldout_batches)
     extra[name] = {"rm_score": score, "kl_to_sft": kl, "heldout_lm_loss": held["loss"]}
   from instructrl.data import world  # pylint: disable=g-import-not-at-top
   sign_off = world.SIGN_OFF if config.data.world.get("sign_off", 0.0) > 0 else ""

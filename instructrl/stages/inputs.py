@@ -8,7 +8,8 @@ from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel, ModelConfig, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.stages import loop
-from instructrl.stages.validate import ConfigError, check_init_shape, rm_key
+from instructrl.stages.errors import ConfigError
+from instructrl.stages.validate import check_init_shape, rm_key
 
 
 def model_config(config, dropout: float = 0.0, **overrides) -> ModelConfig:

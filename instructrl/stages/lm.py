@@ -23,7 +23,7 @@ from instructrl.model.sharded import abstract
 from instructrl.stages import inputs
 from instructrl.stages import loop
 from instructrl.stages import sft_extras
-from instructrl.stages.validate import check_stage
+from instructrl.stages.validate import check_stage, rows_per_step
 
 # Batch leaves of the LM loss and their dtypes: int32 [B, T], loss_mask f32.
 LM_BATCH = {"tokens": jnp.int32, "targets": jnp.int32, "loss_mask": jnp.float32,
@@ -50,18 +50,16 @@ class Programs:
   eval: mesh_lib.Program
 
 
-def rows_per_batch(config, mesh, stage: str) -> int:
-  sc = config[stage]
-  if stage == "sft" and sc.ptx_frac > 0:
-    return sc.batch_size + sft_extras.ptx_rows(sc.batch_size, sc.ptx_frac,
-                                               mesh_lib.batch_size_multiple(mesh))
-  return sc.batch_size
-
-
 def abstract_rows(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
   """A batch leaf of global `shape`, rows split over the data axes."""
   return jax.ShapeDtypeStruct(tuple(shape), dtype,
                               sharding=mesh_lib.batch_sharding(mesh, len(shape)))
+
+
+def abstract_key(mesh) -> jax.ShapeDtypeStruct:
+  """A replicated typed PRNG key, as steps and the rollout take it."""
+  return jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                              sharding=mesh_lib.replicated(mesh))
 
 
 def train_program(model_cls, cfg, sc, mesh, loss_maker, batch: dict,
@@ -75,9 +73,8 @@ def train_program(model_cls, cfg, sc, mesh, loss_maker, batch: dict,
   step_fn = functools.partial(steps.train_step, loss_fn=loss_maker(graphdef), tx=tx,
                               num_micro=sc.microbatches, use_dropout=sc.dropout > 0)
   fn = steps.jit_step(step_fn, shardings, mesh, {k: v.ndim for k, v in batch.items()})
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=mesh_lib.replicated(mesh))
-  args = (steps.abstract_train_state(abs_params, tx, shardings), batch, key)
+  args = (steps.abstract_train_state(abs_params, tx, shardings), batch,
+          abstract_key(mesh))
   return graphdef, tx, shardings, mesh_lib.Program(fn, args)
 
 
@@ -95,13 +92,15 @@ def build(config, mesh, stage: str, num_steps: int | None = None) -> Programs:
   """The programs of "pretrain" or "sft"; `num_steps` sets the LR schedule."""
   sc = config[stage]
   cfg = inputs.model_config(config, dropout=sc.dropout)
-  rows = rows_per_batch(config, mesh, stage)
+  rows = rows_per_step(config, mesh, stage)
   batch = {k: abstract_rows(mesh, (rows, sc.seq_len), dt) for k, dt in LM_BATCH.items()}
+  val = {k: abstract_rows(mesh, (sc.batch_size, sc.seq_len), dt)
+         for k, dt in LM_BATCH.items()}  # Validation batches hold no pretraining rows.
   num_steps = num_steps or (sc.steps if stage == "pretrain" else PLAN_STEPS)
   graphdef, tx, shardings, train = train_program(
       LanguageModel, cfg, sc, mesh, steps.lm_loss_fn, batch, num_steps)
   return Programs(cfg, graphdef, tx, shardings, rows, train,
-                  lm_eval_program(graphdef, train.args[0]["params"], batch, mesh))
+                  lm_eval_program(graphdef, train.args[0]["params"], val, mesh))
 
 
 def run(config, workdir: str, mesh, stage: str) -> dict:

@@ -21,7 +21,7 @@ from flax import nnx
 from instructrl import checkpoint as ckpt_lib
 from instructrl import mesh as mesh_lib
 from instructrl import metrics as metrics_lib
-from instructrl.stages.validate import ConfigError
+from instructrl.stages.errors import ConfigError
 
 
 def stage_dir(workdir: str, stage: str) -> str:

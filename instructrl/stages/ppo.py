@@ -14,8 +14,6 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -47,7 +45,6 @@ class Programs:
   rm_cfg: ModelConfig
   graphdefs: dict  # policy, ref, rm, value.
   shardings: dict  # Of the PPO state (rl.learner's docstring).
-  frozen_shardings: dict  # ref, rm.
   ptx_coef: float
   init: mesh_lib.Jitted
   rollout: mesh_lib.Program
@@ -142,8 +139,7 @@ def build(config, mesh, stage: str) -> Programs:
   state = steps.with_shardings(jax.eval_shape(init_fn, abs_lm, abs_sc), state_sh)
   frozen = {"ref": steps.with_shardings(abs_lm, sh_lm),
             "rm": steps.with_shardings(abs_sc, sh_sc)}
-  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
-                             sharding=rep)
+  key = lm.abstract_key(mesh)
   b, l, n = sc.batch_size, sc.prompt_len, sc.max_new_tokens
   prompts = {k: lm.abstract_rows(mesh, (b,) + ((l,) if k != "prompt_id" else ()), dt)
              for k, dt in PROMPT_BATCH.items()}
@@ -156,7 +152,7 @@ def build(config, mesh, stage: str) -> Programs:
   learn = jit_learn(graphdefs, txs, pc, state_sh, mesh)
   kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
   return Programs(
-      cfg, rm_cfg, graphdefs, state_sh, frozen_sh, pc.ptx_coef, init,
+      cfg, rm_cfg, graphdefs, state_sh, pc.ptx_coef, init,
       mesh_lib.Program(rollout, (frozen, state, prompts, key)),
       mesh_lib.Program(learn, (state, _experience(mesh, b, l, n), ptx, key, kl)))
 

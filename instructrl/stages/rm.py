@@ -27,7 +27,6 @@ from instructrl.stages import rm_data
 from instructrl.stages.validate import NUM_LABELER_GROUPS, check_stage
 
 
-
 def _batch(mesh, p: int, t: int) -> dict:
   rows = lambda shape, dt: lm.abstract_rows(mesh, shape, dt)
   return {"tokens": rows((p, K_MAX, t), jnp.int32),

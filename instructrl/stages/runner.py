@@ -18,7 +18,8 @@ from instructrl.stages import loop
 from instructrl.stages import ppo
 from instructrl.stages import rm
 from instructrl.stages import validate
-from instructrl.stages.validate import STAGES, ConfigError
+from instructrl.stages.errors import ConfigError
+from instructrl.stages.validate import STAGES
 
 # The module that builds and runs each stage.
 MODULES = {"pretrain": lm, "sft": lm, "rm": rm, "ppo": ppo, "ppo_ptx": ppo,
@@ -32,6 +33,8 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def run_stage(config, workdir: str, stage: str, mesh) -> dict:
+  if stage not in MODULES:
+    raise ConfigError(f"config.stage: unknown stage {stage!r}; one of {STAGES}")
   return MODULES[stage].run(config, workdir, mesh, stage)
 
 

@@ -18,13 +18,11 @@ from instructrl import mesh as mesh_lib
 from instructrl.data.labelers import NUM_GROUPS as NUM_LABELER_GROUPS
 from instructrl.model import LanguageModel, ModelConfig
 from instructrl.model.sharded import abstract
+from instructrl.stages import sft_extras
+from instructrl.stages.errors import ConfigError
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx", "eval")
 LM_STAGES = ("pretrain", "sft", "rm")
-
-
-class ConfigError(ValueError):
-  """A user mistake in the config: main prints one line and exits with 2."""
 
 
 # Numeric keys per config section: (kind, lower bound, lower bound inclusive,
@@ -141,10 +139,36 @@ def check_init_shape(config, stage: str, init: str) -> None:
         f"params path of that shape, or 'none'")
 
 
+def rows_per_step(config, mesh, stage: str) -> int:
+  """Rows of one LM/RM step: SFT's demonstrations plus its pretraining rows."""
+  sc = config[stage]
+  if stage == "sft" and sc.ptx_frac > 0:
+    return sc.batch_size + sft_extras.ptx_rows(sc.batch_size, sc.ptx_frac,
+                                               mesh_lib.batch_size_multiple(mesh))
+  return sc.batch_size
+
+
+def check_models(config) -> None:
+  """`config.model` (and `config.rm_model`) make a ModelConfig; the RM reads
+  the policy's token ids, so set vocabulary sizes must agree."""
+  for key in dict.fromkeys(("model", rm_key(config))):
+    d = dict(config[key])
+    d["vocab_size"] = d["vocab_size"] or 1  # 0: the data's vocabulary.
+    try:
+      ModelConfig.from_dict(d)
+    except (TypeError, ValueError, KeyError) as e:
+      raise ConfigError(f"config.{key}: {e}") from None
+  lm, rm = config.model.vocab_size, config[rm_key(config)].vocab_size
+  if lm and rm and lm != rm:
+    raise ConfigError(f"config.rm_model.vocab_size={rm} differs from "
+                      f"config.model.vocab_size={lm}")
+
+
 def check_stage(config, stage: str, mesh) -> None:
   """The checks of one stage that need neither the workdir nor the data."""
   section = "ppo" if stage in ("ppo", "ppo_ptx") else stage
   check_numbers(config, section)
+  check_models(config)
   sc = config[section]
   if stage in LM_STAGES:
     _batch_divides(sc.batch_size, mesh, f"{stage}.batch_size")
@@ -152,10 +176,15 @@ def check_stage(config, stage: str, mesh) -> None:
     if sc.seq_len > config[key].max_len:
       raise ConfigError(f"config.{stage}.seq_len={sc.seq_len} exceeds "
                         f"config.{key}.max_len={config[key].max_len}")
-    if sc.batch_size % sc.microbatches:
-      raise ConfigError(f"config.{stage}.batch_size={sc.batch_size} does not split "
-                        f"into config.{stage}.microbatches={sc.microbatches}")
+    rows = rows_per_step(config, mesh, stage)
+    if rows % sc.microbatches:
+      raise ConfigError(f"config.{stage}.microbatches={sc.microbatches} does not "
+                        f"split the step's {rows} rows (config.{stage}.batch_size "
+                        f"{sc.batch_size}" + (", plus pretraining rows)" if
+                                              rows > sc.batch_size else ")"))
     check_init_shape(config, stage, sc.get("init", "none"))
+  if stage == "rm" and sc.get("candidates", "world") == "sft":
+    _batch_divides(sc.sample_batch_size, mesh, "rm.sample_batch_size")
   if stage == "rm" and not -1 <= sc.heldout_group < NUM_LABELER_GROUPS:
     raise ConfigError(f"config.rm.heldout_group={sc.heldout_group}: a labeler group "
                       f"in [0, {NUM_LABELER_GROUPS}) or -1 (none held out)")
@@ -169,6 +198,7 @@ def check_stage(config, stage: str, mesh) -> None:
     _fits(config, sc.prompt_len + sc.max_new_tokens,
           "config.ppo.prompt_len + config.ppo.max_new_tokens")
   if stage == "eval":
+    _batch_divides(sc.batch_size, mesh, "eval.batch_size")
     # The RM scores the base model's answers after the few-shot prompt too.
     _fits(config, sc.fewshot_prompt_len + sc.max_new_tokens,
           "config.eval.fewshot_prompt_len + config.eval.max_new_tokens")

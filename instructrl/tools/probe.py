@@ -82,7 +82,7 @@ def best_of_n(config, progs, params, rm, prompts, mesh, n: int, vocab,
     u, r = np.zeros((real, n)), np.zeros((real, n))
     for k in range(n):
       out = progs.sample(params, x["prompt_tokens"], x["prompt_mask"],
-                            jax.random.key(seed + b * n + k))
+                         jax.random.key(seed + b * n + k))
       mask = jnp.concatenate([x["prompt_mask"], out.response_mask], axis=1)
       r[:, k] = np.asarray(progs.score(rm, out.tokens, mask))[:real]
       texts = answers.decode(vocab, batch, out)
