@@ -57,7 +57,20 @@ def read(path):
 def test_tied_ranks_share_a_rank_and_follow_utility():
   u = np.array([0.5, 0.0, 0.0, 1.0, 0.5])
   ranks = rm_data.tied_ranks(u, np.random.default_rng(0), temperature=1e-9)
-  assert ranks == [1, 3, 3, 0, 1]
+  assert ranks == [1, 2, 2, 0, 1]
+
+
+def test_a_tie_group_is_ranked_by_one_draw_at_the_labelers_temperature():
+  """One right answer (u=0.6) and seven equal wrong ones (u=0) at the
+  labelers' T=0.18: wrong beats right as often as one wrong answer would,
+  1 / (1 + exp(0.6 / 0.18)) = 3.4%, not as the best of seven draws (~20%)."""
+  from instructrl.data import labelers  # pylint: disable=g-import-not-at-top
+  u = np.array([0.6] + [0.0] * 7)
+  rng = np.random.default_rng(0)
+  wrong_first = [r[1] < r[0] for r in (
+      rm_data.tied_ranks(u, rng, labelers.TEMPERATURE) for _ in range(4000))]
+  expected = 1 / (1 + np.exp(0.6 / labelers.TEMPERATURE))
+  assert abs(np.mean(wrong_first) - expected) < 0.01, np.mean(wrong_first)
 
 
 def test_build_labels_samples_and_is_deterministic(sft_workdir, tmp_path):

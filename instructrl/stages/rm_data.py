@@ -33,14 +33,17 @@ def data_spec(workdir: str) -> str:
 
 
 def tied_ranks(u: np.ndarray, rng: np.random.Generator, temperature: float) -> list[int]:
-  """A Plackett-Luce ranking in which equal utilities share one rank."""
+  """A Plackett-Luce ranking of the distinct utilities; equal ones share a rank.
+
+  One noise draw per distinct value: ranking every answer and giving a tie
+  group its best member's rank would rank the group by the maximum of its
+  members' draws, so seven equal wrong answers would beat one right answer
+  far more often than one wrong answer does.
+  """
   from instructrl.data import labelers  # pylint: disable=g-import-not-at-top
-  ranks = np.asarray(labelers.rank_utilities(u, rng, temperature))
-  for value in np.unique(u):
-    same = u == value
-    if same.sum() > 1:
-      ranks[same] = ranks[same].min()
-  return ranks.tolist()
+  values = np.unique(u)
+  ranks = np.asarray(labelers.rank_utilities(values, rng, temperature))
+  return ranks[np.searchsorted(values, u)].tolist()
 
 
 def _samples(config, workdir, mesh, texts, n_per_prompt):
