@@ -78,7 +78,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from typing import Any, Mapping
 
@@ -323,7 +322,7 @@ class Checkpointer:
         ]),
         preservation_policy=keep,
         # orbax writes `metrics` only when best_fn is set; it ranks nothing
-        # (preservation_policy decides) and best_step() is ours.
+        # (preservation_policy decides what is kept), but best_step() reads it.
         best_fn=self._metric_key,
         best_mode=best_mode,
         enable_async_checkpointing=async_save,
@@ -332,31 +331,10 @@ class Checkpointer:
     )
     self._mngr = ocp.CheckpointManager(
         self.directory, options=options, item_names=(_STATE, _DATA, _META))
-    # step -> metrics[best_metric], for saved steps that carried it.
-    self._best_values: dict[int, float] = {}
-    if best_metric is not None:
-      for step in self._mngr.all_steps():
-        value = self._metric_value(self._mngr.metrics(step))
-        if value is not None:
-          self._best_values[step] = value
-
-  def _metric_value(self, metrics) -> float | None:
-    if not isinstance(metrics, Mapping) or self.best_metric not in metrics:
-      return None
-    try:
-      value = float(metrics[self.best_metric])
-    except (TypeError, ValueError):
-      return None
-    return value if math.isfinite(value) else None
 
   def _metric_key(self, metrics) -> float:
-    """Rank for BestN: a checkpoint without the metric ranks worst."""
-    if self.best_metric is None:
-      return 0.0
-    value = self._metric_value(metrics)
-    if value is None:
-      return math.inf if self.best_mode == "min" else -math.inf
-    return value
+    """BestN's and best_step's rank of a checkpoint's metrics (0 untracked)."""
+    return 0.0 if self.best_metric is None else float(metrics[self.best_metric])
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -365,11 +343,9 @@ class Checkpointer:
     return sorted(self._mngr.all_steps())
 
   def best_step(self) -> int | None:
-    """The kept step with the best metrics[best_metric] (latest on a tie)."""
-    steps = set(self._mngr.all_steps())
-    kept = [(v if self.best_mode == "max" else -v, step)
-            for step, v in self._best_values.items() if step in steps]
-    return max(kept)[1] if kept else None
+    """The kept step with the best metrics[best_metric] (latest on a tie), as
+    orbax ranks them; None without best_metric or if none carried it."""
+    return None if self.best_metric is None else self._mngr.best_step()
 
   def save(self, step: int, state, *, data_state: Mapping[str, Any],
            meta: Mapping[str, Any] | None = None,
@@ -425,18 +401,12 @@ class Checkpointer:
     disk = _nest((path, _to_disk(_raw(leaf))) for path, leaf in flat)
     # The decision was made above (orbax's force=True skips a second
     # should_save; it never overwrites a step).
-    saved = self._mngr.save(step, force=True, metrics=metrics,
+    return self._mngr.save(step, force=True, metrics=metrics,
                             args=ocp.args.Composite(**{
                                 _STATE: ocp.args.StandardSave(disk),
                                 _DATA: ocp.args.JsonSave(data_state),
                                 _META: ocp.args.JsonSave(meta),
                             }))
-    if saved and self.best_metric is not None and metrics is not None:
-      self._best_values[step] = metrics[self.best_metric]
-    kept = set(self._mngr.all_steps())
-    self._best_values = {s: v for s, v in self._best_values.items()
-                         if s in kept}
-    return saved
 
   def restore(self, step: int | None = None, *, abstract_state):
     """Returns (state, data_state, meta) of `step` (default: the latest).

@@ -8,7 +8,6 @@ import pytest
 
 from instructrl import config_files
 from instructrl import mesh as mesh_lib
-from instructrl.stages import loop
 from instructrl.stages import validate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -29,7 +28,7 @@ def mesh():
 
 def test_the_default_configs_pass(tmp_path):
   for variant in ("", "tiny"):
-    assert validate.validate(load(variant), str(tmp_path), mesh(), loop.is_done) == list(
+    assert validate.validate(load(variant), str(tmp_path), mesh()) == list(
         validate.STAGES)
 
 
@@ -70,11 +69,11 @@ def test_a_pipeline_checks_later_stages_before_the_first(tmp_path):
   c = load("tiny")
   c.ppo.minibatch_size = 3  # 8 rows do not split into minibatches of 3.
   with pytest.raises(validate.ConfigError, match="config.ppo.minibatch_size"):
-    validate.validate(c, str(tmp_path), mesh(), loop.is_done)
+    validate.validate(c, str(tmp_path), mesh())
   c = load("tiny")
   c.eval.fewshot_prompt_len = 1000
   with pytest.raises(validate.ConfigError, match="config.eval.fewshot_prompt_len"):
-    validate.validate(c, str(tmp_path), mesh(), loop.is_done)
+    validate.validate(c, str(tmp_path), mesh())
 
 
 def test_finished_stages_are_not_checked_again(tmp_path):
@@ -82,7 +81,7 @@ def test_finished_stages_are_not_checked_again(tmp_path):
   c.pretrain.batch_size = -4
   (tmp_path / "pretrain" / "export").mkdir(parents=True)
   (tmp_path / "pretrain" / "export" / "info.json").write_text("{}")
-  todo = validate.validate(c, str(tmp_path), mesh(), loop.is_done)
+  todo = validate.validate(c, str(tmp_path), mesh())
   assert "pretrain" not in todo and todo[0] == "sft"
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 
 from instructrl import mesh as mesh_lib
+from instructrl import steps
 from instructrl.eval import answers as answers_lib
 from instructrl.eval import judge
 from instructrl.model import LanguageModel, ModelConfig, ScalarModel
@@ -77,8 +78,6 @@ def build(config, mesh, stage: str = "eval") -> Programs:
   n = config.eval.max_new_tokens
   held = {k: lm.abstract_rows(mesh, (config.eval.batch_size, config.pretrain.seq_len),
                               dt) for k, dt in lm.LM_BATCH.items()}
-  abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                              sharding=s), abs_lm, sh_lm)
   return Programs(
       cfg, rm_cfg, sh_lm,
       greedy=make_sampler(g_lm, sh_lm, SampleConfig(n, 0.0, eos_id=EOS_ID), mesh),
@@ -87,7 +86,7 @@ def build(config, mesh, stage: str = "eval") -> Programs:
           lambda p, s, m: rollout_lib.sequence_scores(g_rm, p, s, m), mesh),
       ref_logp=mesh_lib.jit(
           lambda p, s, m, r: rollout_lib.response_logprobs(g_lm, p, s, m, r), mesh),
-      lm_eval=lm.lm_eval_program(g_lm, abs_params, held, mesh))
+      lm_eval=lm.lm_eval_program(g_lm, steps.with_shardings(abs_lm, sh_lm), held, mesh))
 
 
 def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
@@ -123,9 +122,7 @@ def run(config, workdir: str, mesh, stage: str = "eval") -> dict:
   if ec.num_prompts:
     prompts = prompts[:ec.num_prompts]
   _, rm, _ = inputs.load_model(workdir, "rm", ScalarModel, progs.rm_cfg, mesh)
-  _, abs_lm = abstract(LanguageModel, progs.cfg)
-  sh_lm = progs.shardings
-  sft = loop.load_export(workdir, "sft", abs_lm, sh_lm)
+  _, sft, _ = inputs.load_model(workdir, "sft", LanguageModel, progs.cfg, mesh)
   heldout = inputs.iterator(config, "lm", config.pretrain.data, "validation",
                             ec.batch_size, config.pretrain.seq_len, config.seed,
                             infinite=False)
@@ -134,7 +131,8 @@ def run(config, workdir: str, mesh, stage: str = "eval") -> dict:
   for name, source in MODELS:
     if not loop.is_done(workdir, source):
       continue
-    params = sft if source == "sft" else loop.load_export(workdir, source, abs_lm, sh_lm)
+    params = (sft if source == "sft" else
+              inputs.load_model(workdir, source, LanguageModel, progs.cfg, mesh)[1])
     texts = [(prefix if name == "base" else "") + p.text for p in prompts]
     seq_len = ec.fewshot_prompt_len if name == "base" else config.ppo.prompt_len
     answers, score, kl = _answers(config, progs, params, texts, seq_len, mesh, rm,

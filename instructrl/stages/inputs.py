@@ -9,7 +9,7 @@ from instructrl.model import LanguageModel, ModelConfig, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.stages import loop
 from instructrl.stages.errors import ConfigError
-from instructrl.stages.validate import check_init_shape, rm_key
+from instructrl.stages.validate import rm_key
 
 
 def model_config(config, dropout: float = 0.0, **overrides) -> ModelConfig:
@@ -69,11 +69,13 @@ def load_model(workdir: str, stage: str, model_cls, cfg: ModelConfig, mesh):
 
 
 def init_params(config, workdir, stage: str, model_cls, cfg: ModelConfig, mesh):
-  """Params from a finished stage ("pretrain", "sft", "rm"), a path, or "none"."""
+  """Params from a finished stage ("pretrain", "sft", "rm"), a path, or "none".
+
+  Its shape was checked by `validate.check_stage` (`check_init_shape`).
+  """
   init = config[stage].init
   if init in ("", "none"):
     return None
-  check_init_shape(config, stage, init)
   if init in ("pretrain", "sft", "rm"):
     src_cls = ScalarModel if init == "rm" else LanguageModel
     _, src, _ = load_model(workdir, init, src_cls, cfg, mesh)

@@ -18,13 +18,14 @@ from flax import nnx
 from instructrl import losses
 from instructrl import mesh as mesh_lib
 from instructrl import steps
+from instructrl.data.labelers import NUM_GROUPS
 from instructrl.data.pipeline import K_MAX  # Completion slots per prompt row.
 from instructrl.model import ScalarModel
 from instructrl.stages import inputs
 from instructrl.stages import lm
 from instructrl.stages import loop
 from instructrl.stages import rm_data
-from instructrl.stages.validate import NUM_LABELER_GROUPS, check_stage
+from instructrl.stages.validate import check_stage
 
 
 def _batch(mesh, p: int, t: int) -> dict:
@@ -83,7 +84,7 @@ def run(config, workdir: str, mesh, stage: str = "rm") -> dict:
   sc = config.rm
   t0 = time.monotonic()
   held = sc.heldout_group
-  train_groups = [g for g in range(NUM_LABELER_GROUPS) if g != held]
+  train_groups = [g for g in range(NUM_GROUPS) if g != held]
   spec, sampled = sc.data, {}
   if sc.get("candidates", "world") == "sft":
     sampled = {s: rm_data.write_comparisons(config, workdir, mesh, s)

@@ -41,7 +41,7 @@ def run_stage(config, workdir: str, stage: str, mesh) -> dict:
 def run(config, workdir: str, devices=None) -> dict:
   """Runs `config.stage` (or every unfinished stage) on a mesh of `devices`."""
   mesh = validate.make_mesh(config, devices)
-  validate.validate(config, workdir, mesh, loop.is_done)
+  validate.validate(config, workdir, mesh)
   os.makedirs(workdir, exist_ok=True)
   if config.stage != "pipeline":
     return {config.stage: run_stage(config, workdir, config.stage, mesh)}

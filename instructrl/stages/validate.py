@@ -18,6 +18,7 @@ from instructrl import mesh as mesh_lib
 from instructrl.data.labelers import NUM_GROUPS as NUM_LABELER_GROUPS
 from instructrl.model import LanguageModel, ModelConfig
 from instructrl.model.sharded import abstract
+from instructrl.stages import loop
 from instructrl.stages import sft_extras
 from instructrl.stages.errors import ConfigError
 
@@ -204,19 +205,15 @@ def check_stage(config, stage: str, mesh) -> None:
           "config.eval.fewshot_prompt_len + config.eval.max_new_tokens")
 
 
-def stages_to_run(config, workdir: str, is_done) -> list[str]:
+def stages_to_run(config, workdir: str) -> list[str]:
   """`config.stage`, or for "pipeline" every stage without a finished result."""
   if config.stage == "pipeline":
-    return [s for s in STAGES if not is_done(workdir, s)]
+    return [s for s in STAGES if not loop.is_done(workdir, s)]
   return [config.stage]
 
 
-def validate(config, workdir: str, mesh, is_done) -> list[str]:
-  """All config checks for the stages this run will do; returns those stages.
-
-  `is_done(workdir, stage)` says whether a stage has a finished result (from
-  `stages.loop`; passed in so that this module stays below it).
-  """
+def validate(config, workdir: str, mesh) -> list[str]:
+  """All config checks for the stages this run will do; returns those stages."""
   if config.stage not in STAGES + ("pipeline",):
     raise ConfigError(f"config.stage: unknown stage {config.stage!r}; "
                       f"one of {STAGES + ('pipeline',)}")
@@ -226,15 +223,15 @@ def validate(config, workdir: str, mesh, is_done) -> list[str]:
       world.WorldConfig.from_dict(dict(config.data.world))
     except (TypeError, ValueError) as e:
       raise ConfigError(f"config.data.world: {e}") from None
-  todo = stages_to_run(config, workdir, is_done)
+  todo = stages_to_run(config, workdir)
   for stage in todo:
     check_stage(config, stage, mesh)
   for stage in (s for s in todo if s in LM_STAGES):
     init = config[stage].get("init", "none")
-    if init in STAGES and init not in todo and not is_done(workdir, init):
+    if init in STAGES and init not in todo and not loop.is_done(workdir, init):
       raise ConfigError(
           f"config.{stage}.init={init!r}: stage {init!r} has no finished result "
-          f"in {os.path.join(workdir, init)} (run it first)")
+          f"in {loop.stage_dir(workdir, init)} (run it first)")
     if init not in STAGES + ("", "none") and not os.path.isdir(init):
       raise ConfigError(f"config.{stage}.init: no parameters at {init}")
   return todo
