@@ -8,7 +8,7 @@ orbax items, written together and committed atomically:
           `ocp.args.StandardSave` as a plain nested dict (see below).
   data/   the data iterator state, a small JSON dict (`ocp.args.JsonSave`).
   meta/   a JSON dict for everything else: config JSON text, stage name,
-          RNG (`encode_rng`)...
+          RNG (`state_format.encode_rng`).
 and, for a step saved with `metrics`, orbax's own `metrics/` item (a JSON
 dict of floats) that its preservation policy ranks checkpoints by.
 
@@ -58,17 +58,8 @@ API:
   ckpt.close()   # wait() + release; also a context manager. Call it (or
                  # wait) before exiting, else the last async save is lost
                  # (cleanly: it never becomes a step).
-  abstract_like(state, shardings=None, default_sharding=None)
-      -> restore target: ShapeDtypeStructs carrying shardings
-  encode_rng(key) -> dict;  decode_rng(dict) -> key   # JSON for `meta`
-  nonfinite_leaves(state) -> list[str]   # paths of NaN/Inf floating leaves
-
-On-disk state format: the tree is flattened with nnx Variables treated as
-leaves, and stored as a nested dict keyed by the path names (dict keys,
-attribute names, sequence indices), Variables replaced by their raw values and
-typed PRNG keys by their uint32 key data. This keeps checkpoints independent
-of how Flax/optax lay out their pytree nodes; `restore` maps values back by
-path into the caller's target, so nothing depends on leaf order.
+  (instructrl.state_format: the on-disk tree format, `abstract_like` for
+  restore targets, `encode_rng`/`decode_rng`, `nonfinite_leaves`.)
 
 Multi-host: call everything on all processes. JSON items are written by the
 primary process only, so `data_state` must be global (or hold every
@@ -82,162 +73,12 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from flax import nnx
+
+from instructrl import state_format as sf
 
 _STATE, _DATA, _META = "state", "data", "meta"
-
-
-def _is_variable(x) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _is_key(x) -> bool:
-  return jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
-
-
-def _entry_name(entry) -> str:
-  # DictKey/FlattenedIndexKey, GetAttrKey, SequenceKey.
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def _flatten(tree):
-  """[(path names, leaf)] with nnx Variables as leaves, and the treedef."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=_is_variable)
-  return [(tuple(_entry_name(e) for e in path), leaf)
-          for path, leaf in flat], treedef
-
-
-def _raw(leaf):
-  return leaf.get_value() if _is_variable(leaf) else leaf
-
-
-def _nest(pairs) -> dict:
-  """Nested dict from [(path names, value)]."""
-  out: dict = {}
-  for path, value in pairs:
-    if not path:
-      raise ValueError("checkpoint: state must be a container, not an array")
-    node = out
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-      if not isinstance(node, dict):
-        raise ValueError(
-            f"checkpoint: path {'/'.join(path)} collides with a leaf")
-    if path[-1] in node:
-      raise ValueError(f"checkpoint: duplicate path {'/'.join(path)}")
-    node[path[-1]] = value
-  return out
-
-
-def _lookup(tree: Mapping, path: tuple[str, ...]):
-  for name in path:
-    tree = tree[name]
-  return tree
-
-
-def _to_disk(x):
-  if _is_key(x):
-    return jax.random.key_data(x)
-  if isinstance(x, jax.Array):
-    return x
-  return np.asarray(x)
-
-
-def _abstract_to_disk(sds):
-  """Restore target for one stored leaf (key data for typed PRNG keys)."""
-  if not _is_key(sds):
-    return sds
-  data = jax.eval_shape(jax.random.key_data,
-                        jax.ShapeDtypeStruct(sds.shape, sds.dtype))
-  # Same NamedSharding works: the trailing key-data dimension is replicated.
-  return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sds.sharding)
-
-
-def _from_disk(arr, sds):
-  if _is_key(sds):
-    # jax.random.key_impl() rejects abstract values; the key dtype has it.
-    impl = sds.dtype._impl  # pylint: disable=protected-access
-    return jax.random.wrap_key_data(arr, impl=impl)
-  return arr
-
-
-@jax.jit
-def _all_finite(leaves):
-  return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])
-
-
-def nonfinite_leaves(state) -> list[str]:
-  """Paths ('params/w') of floating leaves holding NaN or Inf.
-
-  One fused on-device reduction per device set (one jit cannot mix arrays
-  committed to different devices) and one small transfer, not a host copy.
-  """
-  bad, groups = [], {}
-  for path, leaf in _flatten(state)[0]:
-    value, name = _raw(leaf), "/".join(path)
-    if _is_key(value) or not jnp.issubdtype(
-        getattr(value, "dtype", np.float32), jnp.inexact):
-      continue
-    if isinstance(value, jax.Array):
-      devices = frozenset(value.sharding.device_set)
-      groups.setdefault(devices, []).append((name, value))
-    elif not np.all(np.isfinite(np.asarray(value))):
-      bad.append(name)
-  for members in groups.values():
-    ok = np.asarray(jax.device_get(_all_finite([v for _, v in members])))
-    bad.extend(n for (n, _), good in zip(members, ok) if not good)
-  return bad
-
-
-def abstract_like(state, shardings=None, default_sharding=None):
-  """ShapeDtypeStructs with shardings, a restore target for `state`.
-
-  Args:
-    state: live arrays or an eval_shape'd tree (nnx Variables are kept, with
-      their metadata, so the restored tree has the same structure).
-    shardings: optional tree of the same structure with a Sharding per leaf
-      (e.g. `mesh.param_shardings(...)`); else each leaf's own `.sharding`.
-    default_sharding: for leaves without one (numpy arrays, Python scalars,
-      eval_shape without shardings); defaults to the first local device.
-  """
-  default = default_sharding or jax.sharding.SingleDeviceSharding(
-      jax.local_devices()[0])
-
-  def one(x, sharding=None):
-    if sharding is None:
-      sharding = getattr(x, "sharding", None) or default
-    if isinstance(x, jax.ShapeDtypeStruct) or isinstance(x, jax.Array):
-      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    x = np.asarray(x)
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-  if shardings is None:
-    return jax.tree.map(one, state)
-  return jax.tree.map(one, state, shardings)
-
-
-def encode_rng(key) -> dict:
-  """A PRNG key (typed or legacy uint32) as JSON: impl name + key data."""
-  if _is_key(key):
-    return {"impl": str(jax.random.key_impl(key)),
-            "data": np.asarray(jax.random.key_data(key)).tolist()}
-  return {"impl": None, "data": np.asarray(key).tolist()}
-
-
-def decode_rng(obj: Mapping):
-  """Inverse of `encode_rng`: a typed key, or a raw uint32 array if legacy."""
-  data = jnp.asarray(np.asarray(obj["data"], dtype=np.uint32))
-  if obj.get("impl") is None:
-    return data
-  return jax.random.wrap_key_data(data, impl=obj["impl"])
 
 
 def _check_json(name: str, obj) -> None:
@@ -391,14 +232,14 @@ class Checkpointer:
       if self.best_metric is not None and self.best_metric not in metrics:
         raise ValueError(f"checkpoint: metrics {sorted(metrics)} lack "
                          f"best_metric {self.best_metric!r}")
-    bad = nonfinite_leaves(state)
+    bad = sf.nonfinite_leaves(state)
     if bad:
       more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
       shown = ", ".join(bad[:5]) + more
       raise FloatingPointError(
           f"refusing to checkpoint step {step}: non-finite values in {shown}")
-    flat, _ = _flatten(state)
-    disk = _nest((path, _to_disk(_raw(leaf))) for path, leaf in flat)
+    flat, _ = sf.flatten(state)
+    disk = sf.nest((path, sf.to_disk(sf.raw(leaf))) for path, leaf in flat)
     # The decision was made above (orbax's force=True skips a second
     # should_save; it never overwrites a step).
     return self._mngr.save(step, force=True, metrics=metrics,
@@ -411,7 +252,7 @@ class Checkpointer:
   def restore(self, step: int | None = None, *, abstract_state):
     """Returns (state, data_state, meta) of `step` (default: the latest).
 
-    `abstract_state` (see `abstract_like`) fixes the tree structure, dtypes
+    `abstract_state` (see `state_format.abstract_like`) fixes the tree structure, dtypes
     (values are cast, e.g. float32 -> bfloat16) and shardings of the
     returned state. Paths or shapes that differ from the stored ones raise
     ValueError (a missing or extra entry, a changed shape).
@@ -420,12 +261,13 @@ class Checkpointer:
       step = self.latest_step()
       if step is None:
         raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    flat, treedef = _flatten(abstract_state)
+    flat, treedef = sf.flatten(abstract_state)
     for path, leaf in flat:
-      if getattr(_raw(leaf), "sharding", None) is None:
+      if getattr(sf.raw(leaf), "sharding", None) is None:
         raise ValueError(f"checkpoint: restore target {'/'.join(path)} has no "
-                         "sharding; build it with abstract_like(...)")
-    target = _nest((path, _abstract_to_disk(_raw(leaf))) for path, leaf in flat)
+                         "sharding; build it with state_format.abstract_like(...)")
+    target = sf.nest((path, sf.abstract_to_disk(sf.raw(leaf)))
+                     for path, leaf in flat)
     out = self._mngr.restore(int(step), args=ocp.args.Composite(**{
         _STATE: ocp.args.StandardRestore(target),
         _DATA: ocp.args.JsonRestore(),
@@ -433,8 +275,8 @@ class Checkpointer:
     }))
     leaves = []
     for path, leaf in flat:
-      value = _from_disk(_lookup(out[_STATE], path), _raw(leaf))
-      leaves.append(leaf.replace(value) if _is_variable(leaf) else value)
+      value = sf.from_disk(sf.lookup(out[_STATE], path), sf.raw(leaf))
+      leaves.append(leaf.replace(value) if sf.is_variable(leaf) else value)
     state = jax.tree_util.tree_unflatten(treedef, leaves)
     return state, dict(out[_DATA] or {}), dict(out[_META] or {})
 

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from instructrl import checkpoint as ckpt_lib
+from instructrl import state_format
 from instructrl import mesh as mesh_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def _make_state():
 
 
 def _bits(x):
-  if ckpt_lib._is_key(x):  # pylint: disable=protected-access
+  if state_format.is_key(x):
     x = jax.random.key_data(x)
   x = np.asarray(jax.device_get(x))
   return x.dtype, x.shape, x.tobytes()
@@ -79,7 +80,7 @@ def test_roundtrip_is_bitwise_exact(tmp_path):
   state = dict(make_state(), host_i32=np.arange(3, dtype=np.int32))
   key = jax.random.key(42)
   meta = {"config": '{"lr": 0.001}', "stage": "sft", "best_metric": 0.25,
-          "rng": ckpt_lib.encode_rng(key)}
+          "rng": state_format.encode_rng(key)}
   data_state = {"epoch": 1, "position": 12345, "shard": "train-00001"}
   with ckpt_lib.Checkpointer(tmp_path, save_every=7) as ckpt:
     assert ckpt.save(7, state, data_state=data_state, meta=meta)
@@ -87,7 +88,7 @@ def test_roundtrip_is_bitwise_exact(tmp_path):
   # A fresh Checkpointer, as after a restart.
   with ckpt_lib.Checkpointer(tmp_path) as ckpt:
     assert ckpt.latest_step() == 7
-    restored, ds, m = ckpt.restore(abstract_state=ckpt_lib.abstract_like(state))
+    restored, ds, m = ckpt.restore(abstract_state=state_format.abstract_like(state))
   assert_bitwise_equal(restored, state)
   assert ds == data_state
   assert m == meta
@@ -96,10 +97,10 @@ def test_roundtrip_is_bitwise_exact(tmp_path):
   assert isinstance(restored["params"]["w"], nnx.Param)
   assert restored["bf16"].dtype == jnp.bfloat16
   assert isinstance(restored["opt_state"][0], optax.ScaleByAdamState)
-  assert _bits(ckpt_lib.decode_rng(m["rng"])) == _bits(key)
+  assert _bits(state_format.decode_rng(m["rng"])) == _bits(key)
   # Legacy uint32 keys round trip too.
   legacy = jax.random.PRNGKey(5)
-  legacy_back = ckpt_lib.decode_rng(ckpt_lib.encode_rng(legacy))
+  legacy_back = state_format.decode_rng(state_format.encode_rng(legacy))
   assert _bits(legacy_back) == _bits(legacy)
   # No pickle in the checkpoint: arrays in OCDBT, the rest JSON.
   for f in pathlib.Path(tmp_path).rglob("*"):
@@ -121,7 +122,7 @@ def test_restore_onto_other_mesh_reshards(tmp_path):
   eight = mesh_lib.make_mesh({"fsdp": 8})
   shardings = {"params": mesh_lib.param_shardings(params, eight),
                "step": mesh_lib.replicated(eight)}
-  target = ckpt_lib.abstract_like(state, shardings)
+  target = state_format.abstract_like(state, shardings)
   with ckpt_lib.Checkpointer(tmp_path) as ckpt:
     restored, _, _ = ckpt.restore(abstract_state=target)
   w = restored["params"]["w"][...]
@@ -144,7 +145,7 @@ def test_keep_last_n_and_save_every(tmp_path):
     ckpt.wait()
     assert ckpt.all_steps() == [8, 9]
     restored, ds, _ = ckpt.restore(
-        8, abstract_state=ckpt_lib.abstract_like(state))
+        8, abstract_state=state_format.abstract_like(state))
   assert ds == {"s": 8}
   np.testing.assert_array_equal(restored["x"], np.full((4,), 8.0))
   assert sorted(p.name for p in pathlib.Path(tmp_path).iterdir()
@@ -154,7 +155,7 @@ def test_keep_last_n_and_save_every(tmp_path):
 def test_state_may_be_donated_right_after_save(tmp_path):
   state = {"w": jnp.full((512, 512), 1.0)}
   with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ckpt:
-    target = ckpt_lib.abstract_like(state)
+    target = state_format.abstract_like(state)
     ckpt.save(1, state, data_state={})
     # The blocking part of an async save copies to host; the train step may
     # donate (and overwrite) the buffers at once.
@@ -201,7 +202,7 @@ def test_rejects_bad_json_and_bad_restore_targets(tmp_path):
     with pytest.raises(TypeError, match="data_state"):
       ckpt.save(1, state, data_state={"a": np.int64(1)})
     with pytest.raises(FileNotFoundError):
-      ckpt.restore(abstract_state=ckpt_lib.abstract_like(state))
+      ckpt.restore(abstract_state=state_format.abstract_like(state))
     ckpt.save(1, state, data_state={})
     ckpt.wait()
     with pytest.raises(ValueError, match="sharding"):
@@ -211,7 +212,7 @@ def test_rejects_bad_json_and_bad_restore_targets(tmp_path):
     for wrong in ({"x": jnp.ones((2,)), "y": jnp.ones((1,))},
                   {"x": jnp.ones((3,))}):
       with pytest.raises(ValueError):
-        ckpt.restore(abstract_state=ckpt_lib.abstract_like(wrong))
+        ckpt.restore(abstract_state=state_format.abstract_like(wrong))
 
 
 def test_leftover_tmp_dir_is_never_latest(tmp_path):
@@ -229,7 +230,7 @@ def test_leftover_tmp_dir_is_never_latest(tmp_path):
   with ckpt_lib.Checkpointer(tmp_path, save_every=1) as ckpt:
     assert ckpt.latest_step() == 2
     assert ckpt.all_steps() == [2]
-    restored, ds, _ = ckpt.restore(abstract_state=ckpt_lib.abstract_like(state))
+    restored, ds, _ = ckpt.restore(abstract_state=state_format.abstract_like(state))
     assert ds == {"s": 2}
     assert_bitwise_equal(restored, state)
     ckpt.wait()
@@ -243,6 +244,7 @@ _CHILD = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp
     from instructrl import checkpoint as ckpt_lib
+    from instructrl import state_format
     ckpt = ckpt_lib.Checkpointer(sys.argv[1], max_to_keep=2, save_every=1)
     state = {"w": jnp.zeros((4, 1024, 1024), jnp.float32), "b": jnp.zeros((8,))}
     start = ckpt.latest_step()
@@ -250,7 +252,7 @@ _CHILD = textwrap.dedent("""
       start = 0
     else:  # resume like a training job would
       state, data_state, _ = ckpt.restore(
-          abstract_state=ckpt_lib.abstract_like(state))
+          abstract_state=state_format.abstract_like(state))
       assert data_state["step"] == start
     for step in range(start + 1, start + 1000):
       state = jax.tree.map(lambda x: x + 1.0, state)
@@ -269,7 +271,7 @@ def test_sigkill_during_async_save_leaves_a_good_checkpoint(tmp_path):
   pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="",
              PYTHONPATH=pythonpath)
-  target = ckpt_lib.abstract_like(
+  target = state_format.abstract_like(
       {"w": jnp.zeros((4, 1024, 1024)), "b": jnp.zeros((8,))})
   killed_mid_write = 0
   for attempt in range(3):
@@ -324,7 +326,7 @@ def test_save_every_is_the_policy_and_force_saves_skipped_steps(tmp_path):
     assert ckpt.save(8, {"x": x + 8}, data_state={"s": 8})
     ckpt.wait()
     assert ckpt.all_steps() == [2, 4, 6, 7, 8]
-    _, ds, _ = ckpt.restore(7, abstract_state=ckpt_lib.abstract_like({"x": x}))
+    _, ds, _ = ckpt.restore(7, abstract_state=state_format.abstract_like({"x": x}))
     assert ds == {"s": 7}  # not overwritten by the second forced save
     # Without best_metric, metrics are stored but nothing is "best".
     assert ckpt.save(10, {"x": x}, data_state={}, metrics={"val_loss": 1.0})
@@ -372,7 +374,7 @@ def test_keeps_best_by_metric_besides_latest(tmp_path, mode, async_save):
     ckpt.wait()
     assert ckpt.all_steps() == [2, 5, 6]
     assert ckpt.latest_step() == 6
-    target = ckpt_lib.abstract_like({"x": jnp.zeros((4,)),
+    target = state_format.abstract_like({"x": jnp.zeros((4,)),
                                      "n": jnp.zeros((3,), jnp.int32)})
     state, ds, meta = ckpt.restore(2, abstract_state=target)
   assert_bitwise_equal(state, {"x": jnp.full((4,), 2.0),
@@ -427,7 +429,7 @@ def test_best_survives_resume(tmp_path, mode):
     ckpt.wait()
     assert ckpt.all_steps() == [2, 7, 8]
     assert ckpt.best_step() == 2
-    state, ds, _ = ckpt.restore(2, abstract_state=ckpt_lib.abstract_like(x))
+    state, ds, _ = ckpt.restore(2, abstract_state=state_format.abstract_like(x))
     assert ds == {"s": 2}
     np.testing.assert_array_equal(state["x"], np.full((4,), 2.0))
     # A new best replaces the old one, which then goes like any other.
@@ -472,7 +474,7 @@ def test_tmp_dir_of_a_killed_save_is_gone_after_next_open(tmp_path, finish):
     assert not _tmp_dirs(tmp_path)
   assert ckpt.all_steps() == [1]
   _, ds, _ = ckpt.restore(
-      abstract_state=ckpt_lib.abstract_like({"w": jnp.zeros((8,))}))
+      abstract_state=state_format.abstract_like({"w": jnp.zeros((8,))}))
   assert ds == {"s": 1}
   # No save on this Checkpointer (orbax itself awaits its cleanup only
   # there): the leftover is gone all the same.

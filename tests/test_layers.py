@@ -2,7 +2,7 @@
 
 Layers, lowest first (docs/design.md, "Layout"):
   core    instructrl.{mesh,losses,loss_checks,sampling,steps,checkpoint,
-          metrics,config_files}, instructrl.model
+          state_format,metrics,config_files}, instructrl.model
   data    instructrl.data (beside the core: neither imports the other)
   rl      instructrl.rl
   eval    instructrl.eval

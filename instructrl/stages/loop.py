@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from instructrl import checkpoint as ckpt_lib
+from instructrl import state_format
 from instructrl import mesh as mesh_lib
 from instructrl import metrics as metrics_lib
 from instructrl.stages.errors import ConfigError
@@ -53,7 +54,7 @@ def load_params(path: str, abstract_params, shardings):
   """Reads params saved by `save_params` straight into their shardings."""
   if not os.path.isdir(path):
     raise ConfigError(f"no parameters at {path}")
-  target = ckpt_lib.abstract_like(nnx.to_pure_dict(abstract_params),
+  target = state_format.abstract_like(nnx.to_pure_dict(abstract_params),
                                   nnx.to_pure_dict(shardings))
   with ocp.StandardCheckpointer() as c:
     pure = c.restore(os.path.abspath(path), target)
@@ -64,7 +65,7 @@ def load_params(path: str, abstract_params, shardings):
 
 def export(workdir: str, stage: str, params, info: dict) -> None:
   """The stage's result: params plus info.json (written last = done marker)."""
-  bad = ckpt_lib.nonfinite_leaves(params)
+  bad = state_format.nonfinite_leaves(params)
   if bad:
     raise FloatingPointError(f"{stage}: refusing to export non-finite parameters "
                              f"({', '.join(bad[:3])})")
@@ -134,8 +135,8 @@ def train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn: Calla
                                save_every=lc.save_every, best_metric=best_metric,
                                best_mode=lc.eval_mode)
   best = {"value": None, "step": None}
+  target = state_format.abstract_like(state, shardings)  # Restore target.
   if ckpt.latest_step() is not None:
-    target = ckpt_lib.abstract_like(state, shardings)
     state, data_state, saved_meta = ckpt.restore(abstract_state=target)
     batches.set_state(data_state)
     best = saved_meta.get("best", best)
@@ -178,9 +179,7 @@ def train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn: Calla
     best_step = ckpt.best_step()
     if best_step is not None and best_step != step:
       ckpt.wait()
-      restored, _, _ = ckpt.restore(best_step, abstract_state=ckpt_lib.abstract_like(
-          state, shardings))
-      best_params = restored["params"]
+      best_params = ckpt.restore(best_step, abstract_state=target)[0]["params"]
   finally:
     # Also when halting on a NaN loss: the pending async saves hold good
     # states; without this wait the interpreter exits mid-save and the
