@@ -83,6 +83,34 @@ def make_mesh(shape: Mapping[str, int] | None = None,
   return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def sampling_mesh(mesh: Mesh, tensor: int) -> Mesh:
+  """The same devices laid out for decoding: `tensor` x more tensor parallelism.
+
+  Training splits weights over `fsdp`, so a decode step that used that layout
+  would all-gather every weight once per generated token. Here groups of
+  `tensor` neighbouring fsdp devices join the tensor axis (weights split over
+  heads/MLP/vocabulary within a group, whole per group) and the rest of fsdp
+  becomes data parallelism: the result has fsdp=1, tensor = tensor * the
+  training tensor size, data = data * fsdp / tensor; `tensor=1` replicates
+  the weights over what was fsdp (pure data-parallel decoding, for models
+  that fit a chip). `tensor=0` returns the training mesh (decode in the
+  training layout). The rules table is the same: with fsdp=1 the "embed"
+  rule shards nothing.
+  """
+  shape = dict(mesh.shape)
+  if tensor == 0:
+    return mesh
+  if tensor < 1 or shape["fsdp"] % tensor:
+    raise ValueError(f"sampling tensor={tensor} must divide the mesh's "
+                     f"fsdp={shape['fsdp']}")
+  d, f, t = (shape[a] for a in MESH_AXES)
+  # (data, fsdp, tensor) -> (data, fsdp/k, k, tensor) -> (data*fsdp/k, 1, k*tensor):
+  # a group's k fsdp neighbours sit next to each other in the device order.
+  dev = np.asarray(mesh.devices).reshape(d, f // tensor, tensor, t)
+  dev = dev.reshape(d * f // tensor, 1, tensor * t)
+  return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def _axis_size(mesh_shape: Mapping[str, int], axes) -> int:
   if axes is None:
     return 1

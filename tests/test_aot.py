@@ -152,6 +152,22 @@ def test_compile_for_a_tpu_slice(tpu_rows):
   assert row["xla_flops_per_chip"] > 0
 
 
+def test_interconnect_bytes_of_fsdp(tpu_rows):
+  """FSDP over 4 chips: the bf16 weights are gathered (>= once, forward) and
+  the gradients reduced (>= a reduce-scatter of bf16 grads): each moves 3/4
+  of 2 bytes per parameter per chip at least. Hand counts of single
+  collectives are in test_hlo_comm.py."""
+  (row,) = tpu_rows
+  c = small_config()
+  n = ModelConfig.from_dict(dict(c.model)).num_params()
+  assert row["ici_unknown_trips"] == 0
+  kinds = row["ici_by_kind"]
+  assert kinds["all-gather"] >= 0.95 * 2 * n * 3 / 4
+  reduced = kinds.get("all-reduce", 0) + kinds.get("reduce-scatter", 0)
+  assert reduced >= 0.95 * 2 * n * 3 / 4
+  assert row["ici_s"] == pytest.approx(row["ici_bytes"] / 1200e9)
+
+
 def test_argument_bytes_are_the_shards(tpu_rows):
   """Per chip: the state's shards under the mesh rules, plus the batch rows."""
   (row,) = tpu_rows

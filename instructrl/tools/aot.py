@@ -22,7 +22,10 @@ passes, remat recompute not included. XLA's `cost_analysis` counts a loop
 body once (one layer under scan_layers), so its FLOPs are printed beside the
 model FLOPs, not instead of them. The rollout's decode floor: each decode
 step reads the policy's weights (bf16, split over the tensor axis) and this
-chip's KV cache from HBM; ICI time not included.
+chip's KV cache from HBM. The interconnect: every collective of the compiled
+HLO, times its loops' trip counts (`tools.hlo_comm`), in bytes per chip and
+as seconds at the chip's bidirectional ICI bandwidth (a lower bound); for
+the rollout also per generated token.
 """
 from __future__ import annotations
 
@@ -41,16 +44,19 @@ from instructrl.model import ModelConfig
 from instructrl.stages import lm
 from instructrl.stages import ppo
 from instructrl.stages import rm
+from instructrl.tools import hlo_comm
 
 PROGRAMS = ("sft", "rm", "ppo_learn", "rollout")
 
 GiB = 1024**3
-# device_kind -> (name, HBM bytes, peak bf16 FLOP/s, HBM bytes/s), per chip.
+# device_kind -> (name, HBM bytes, peak bf16 FLOP/s, HBM bytes/s, ICI bytes/s
+# bidirectional), per chip; ICI from Cloud TPU's spec tables (v4's is not
+# in them as a per-chip figure: its ICI time is left out).
 CHIPS = {
-    "TPU v4": ("v4", 32 * GiB, 275e12, 1.2e12),
-    "TPU v5 lite": ("v5e", 16 * GiB, 197e12, 0.82e12),
-    "TPU v5": ("v5p", 95 * GiB, 459e12, 2.76e12),
-    "TPU v6 lite": ("v6e", 32 * GiB, 918e12, 1.64e12),
+    "TPU v4": ("v4", 32 * GiB, 275e12, 1.2e12, None),
+    "TPU v5 lite": ("v5e", 16 * GiB, 197e12, 0.82e12, 400e9),
+    "TPU v5": ("v5p", 95 * GiB, 459e12, 2.76e12, 1200e9),
+    "TPU v6 lite": ("v6e", 32 * GiB, 918e12, 1.64e12, 800e9),
 }
 BY_STAGE = {"pretrain": ("sft",), "sft": ("sft",), "rm": ("rm",),
             "ppo": ("ppo_learn", "rollout"), "ppo_ptx": ("ppo_learn", "rollout"),
@@ -89,11 +95,12 @@ def chip_spec(devices, topology: str) -> dict:
   if kind not in CHIPS:
     raise ValueError(f"no HBM/FLOP figures for device kind {kind!r}; known: "
                      f"{sorted(CHIPS)}")
-  name, hbm, peak, bw = CHIPS[kind]
+  name, hbm, peak, bw, ici = CHIPS[kind]
   chips = math.prod(int(x) for x in topology.split(":")[-1].split("x"))
   per_chip = max(len(devices) // chips, 1)  # v4 without megacore: 2 cores.
   return dict(chip=name, device_kind=kind, chips=chips, devices=len(devices),
-              hbm=hbm / per_chip, peak=peak / per_chip, hbm_bw=bw / per_chip)
+              hbm=hbm / per_chip, peak=peak / per_chip, hbm_bw=bw / per_chip,
+              ici_bw=ici and ici / per_chip)
 
 
 def _oom_bytes(message: str) -> float | None:
@@ -204,7 +211,27 @@ def compile_program(p: Planned, spec: dict, mfu: float) -> dict:
     total += max(0.0, p.resident_bytes - m.argument_size_in_bytes)
     row.update(resident_bytes=p.resident_bytes, peak_bytes=total)
   row["fits"] = total <= spec["hbm"]
+  row.update(interconnect(compiled.as_text(), p, spec))
   return row
+
+
+def interconnect(hlo: str, p: Planned, spec: dict) -> dict:
+  """Collective bytes per chip (tools.hlo_comm) and their time at ICI speed.
+
+  For the rollout, the decode loop (the while loop run once per new token,
+  the one with the most iterations) gives the bytes per generated token.
+  """
+  comm = hlo_comm.collective_bytes(hlo, spec["devices"])
+  out = dict(ici_bytes=comm["total"], ici_by_kind=comm["by_kind"],
+             ici_unknown_trips=comm["unknown_trips"])
+  if spec["ici_bw"]:
+    out["ici_s"] = comm["total"] / spec["ici_bw"]
+  if p.decode_tokens and comm["loops"]:
+    n, per_token = max(comm["loops"])
+    out.update(decode_loop_trips=n, decode_ici_bytes_per_token=per_token)
+    if spec["ici_bw"]:
+      out["decode_ici_s"] = n * per_token / spec["ici_bw"]
+  return out
 
 
 def plan(config, programs=None, mfu: float = 0.4, devices=None) -> list[dict]:
@@ -235,19 +262,23 @@ def _gib(x) -> str:
 def format_table(rows: list[dict]) -> str:
   """Per-chip figures, one line per program, under a title naming the slice."""
   lines = [("program", "args GiB", "out GiB", "temp GiB", "total/HBM GiB", "fits",
-            "model TFLOP", "XLA TFLOP*", "step s", "compile s")]
+            "model TFLOP", "XLA TFLOP*", "step s", "ICI GiB", "ICI s", "compile s")]
   for r in rows:
     step = f"{r['step_s_at_mfu']:.3g}"
     if "decode_floor_s" in r:
       step += f" (decode>={r['decode_floor_s']:.3g})"
+    if "decode_ici_s" in r:
+      step += f" (decode ICI>={r['decode_ici_s']:.3g})"
     xla = r.get("xla_flops_per_chip")
+    ici_s = r.get("ici_s")
     lines.append((
         r["program"], *(_gib(r.get(k)) for k in ("argument_bytes", "output_bytes",
                                                  "temp_bytes")),
         f"{_gib(r.get('peak_bytes', r['total_bytes']))}/{_gib(r['hbm'])}",
         "yes" if r["fits"] else "NO",
         f"{r['model_flops_per_chip'] / 1e12:.4g}",
-        "-" if xla is None else f"{xla / 1e12:.4g}", step, f"{r['compile_s']:.1f}"))
+        "-" if xla is None else f"{xla / 1e12:.4g}", step, _gib(r.get("ici_bytes")),
+        "-" if ici_s is None else f"{ici_s:.3g}", f"{r['compile_s']:.1f}"))
   widths = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
   r = rows[0]
   title = (f"{r['topology']} ({r['chips']} {r['chip']} chips), mesh {r['mesh']}; "
