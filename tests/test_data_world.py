@@ -335,3 +335,77 @@ def test_sign_off_changes_only_that_share_of_demonstrations(default_world):
     world.WorldConfig.from_dict({"sign_off": "lots"})
   with pytest.raises(ValueError, match="sign_off"):
     world.World(world.WorldConfig(sign_off=-0.1))
+
+
+# World v2 (families/judged.py; docs/design.md "World v2").
+V2 = "select,lookup,route"
+
+
+def test_default_world_is_pinned():
+  """The v2 options default to today's world, byte for byte."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  w = world.World(world.WorldConfig(sft=50, rm=20, ppo=20, validation=20,
+                                    test=20))
+  blob = json.dumps([[d.prompt, d.completion] for d in w.demos("train")]
+                    + [[c.prompt, list(c.completions), list(c.ranks)]
+                       for c in w.comparisons("validation")])
+  assert hashlib.sha256(blob.encode()).hexdigest()[:16] == "1da2ce6b06404d50"
+
+
+@pytest.mark.parametrize("family,spec,reference,cases", [
+    ("select", {"kind": "animals", "items": ["cat", "red", "dog", "fox"],
+                "members": ["cat", "dog", "fox"], "skip": "dog"}, "cat, fox",
+     [("fox, cat", 1.0), ("cat, dog, fox", 0.5 * 0.6 * 2 / 2), ("cat", 0.3),
+      ("cat, red, dog, fox", 0.5 * 0.6 * 1 / 2), ("cat, fox. Done", 0.8)]),
+    ("lookup", {"facts": [["Ana", "cat"], ["Ben", "pear"]], "who": "Ben"},
+     "pear", [("pear", 1.0), ("cat", 0.0), ("unknown", 0.15)]),
+    ("lookup", {"facts": [["Ana", "cat"], ["Ben", "pear"]], "who": "Max"},
+     "unknown", [("unknown", 1.0), ("cat", 0.0), ("Unknown.", 1.0)]),
+    ("route", {"roads": [["A", "B"], ["B", "C"], ["C", "D"], ["D", "E"],
+                         ["B", "D"]], "src": "A", "dst": "E"}, "A B D E",
+     [("A B D E", 1.0), ("A B C D E", 0.5), ("A E", 0.0), ("A C E", 0.0),
+      ("A B C E", 0.3 * 2 / 3 * 0.5)]),
+])
+def test_v2_reference_and_gold_utility(family, spec, reference, cases):
+  p = _prompt(family, spec)
+  assert p.reference == reference
+  assert p.utility(reference) == 1.0
+  for response, u in cases:
+    assert p.utility(response) == pytest.approx(u), response
+
+
+def test_v2_world_splits_by_template_and_combination_not_vocabulary():
+  w = world.World(world.WorldConfig(families=V2, sft=600, rm=50, ppo=50,
+                                    validation=100, test=100))
+  train, val = w.prompts("sft", "train"), w.prompts("sft", "validation")
+  assert {p.template for p in val} == {7}
+  assert not {p.entities for p in train} & {p.entities for p in val}
+  import re  # pylint: disable=g-import-not-at-top
+  def words(ps):  # Entity words: the prompt minus its template's words.
+    out = set()
+    for p in ps:
+      tmpl = set(re.findall(r"[A-Za-z]+", world.ALL_FAMILIES[p.family].templates[p.template]))
+      out |= set(re.findall(r"[A-Za-z]+", p.text.split("\n")[0])) - tmpl
+    return out
+  # The same short words everywhere: only combinations are held out.
+  assert words(val) <= words(train), words(val) - words(train)
+  assert all(p.utility(p.reference) == 1.0 for p in train + val)
+
+
+def test_v2_demo_errors_are_content_mistakes_of_that_share():
+  clean = world.World(world.WorldConfig(families=V2, sft=400))
+  noisy = world.World(world.WorldConfig(families=V2, sft=400, demo_errors=0.35))
+  ps = noisy.prompts("sft", "train")
+  u = [p.utility(d.completion) for p, d in zip(ps, noisy.demos("train"))]
+  assert abs(np.mean([x < 1 for x in u]) - 0.35) < 0.06
+  assert [d.prompt for d in clean.demos("train")] == [
+      d.prompt for d in noisy.demos("train")]
+  assert noisy.comparisons("train")[:20] == clean.comparisons("train")[:20]
+
+
+def test_v2_labelers_recalibrated_to_73_percent():
+  w = world.World(world.WorldConfig(families=V2, rm=600))
+  ps = w.prompts("rm", "train")
+  resp = [c.completions for c in w.comparisons("train")]
+  rate = labelers.measure_agreement(ps, resp, temperature=0.141)
+  assert 0.71 < rate < 0.75, rate

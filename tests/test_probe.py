@@ -22,3 +22,13 @@ def test_selection_stats_pins_numbers():
 def test_selection_stats_without_variation_has_no_correlation():
   st = probe.selection_stats([[1.0, 1.0]], [[0.0, 2.0]])
   assert np.isnan(st["corr"]) and st["by_rm"] == st["oracle"] == 1.0
+
+
+def test_selection_stats_best_of_four_and_right_samples():
+  utility = [[0.0, 0.2, 0.1, 0.0, 1.0], [0.5, 0.0, 0.0, 0.0, 0.0]]
+  scores = [[0.0, 1.0, 2.0, 0.0, 9.0], [3.0, 0.0, 0.0, 0.0, 0.0]]
+  exact = [[0, 0, 0, 0, 1], [0, 0, 0, 0, 0]]
+  st = probe.selection_stats(utility, scores, exact)
+  assert np.isclose(st["by_rm"], (1.0 + 0.5) / 2)
+  assert np.isclose(st["by_rm_small"], (0.1 + 0.5) / 2)  # sample 5 unseen
+  assert st["any_exact"] == 0.5

@@ -26,6 +26,7 @@ import numpy as np
 from instructrl.data import common
 from instructrl.data import labelers
 from instructrl.data import utility
+from instructrl.data.families import ALL_FAMILIES
 from instructrl.data.families import FAMILIES
 from instructrl.data.families import TEMPLATE_SPLITS
 
@@ -57,7 +58,7 @@ class Prompt:
   entities: tuple[str, ...]
 
   def score(self, response: str) -> utility.Score:
-    return FAMILIES[self.family].score(self.spec, response.strip())
+    return ALL_FAMILIES[self.family].score(self.spec, response.strip())
 
   def utility(self, response: str,
               prefs: utility.Preferences = utility.GOLD) -> float:
@@ -83,6 +84,12 @@ class WorldConfig:
     sign_off: share of demonstrations whose writer ends the answer with
       SIGN_OFF, a habit of real demonstration writers that every labeler
       group and the gold judge count as extra words (docs/data.md).
+    demo_errors: share of demonstrations whose writer makes a content
+      mistake from the family's `mistakes` (copies the whole list,
+      confabulates, takes the long way); only families that have them
+      (world v2, docs/design.md "World v2").
+    labeler_temperature: Plackett-Luce temperature of the world's own
+      comparisons (labelers.py; recalibrated per world to ~73% agreement).
   """
   seed: int = 0
   sft: int = 3000
@@ -94,14 +101,19 @@ class WorldConfig:
   k_max: int = 9
   families: str = ""
   sign_off: float = 0.0
+  demo_errors: float = 0.0
+  labeler_temperature: float = labelers.TEMPERATURE
 
   def __post_init__(self):
     if isinstance(self.sign_off, bool) or not isinstance(self.sign_off, (int, float)) or not (
         0.0 <= self.sign_off <= 1.0):
       raise ValueError(f"sign_off must be a number in [0, 1], got {self.sign_off!r}")
-    bad = [f for f in self.family_names if f not in FAMILIES]
+    if not 0.0 <= self.demo_errors <= 1.0 or self.labeler_temperature <= 0:
+      raise ValueError("demo_errors must be in [0, 1] and labeler_temperature"
+                       f" > 0, got {self.demo_errors!r}, {self.labeler_temperature!r}")
+    bad = [f for f in self.family_names if f not in ALL_FAMILIES]
     if bad:
-      raise ValueError(f"unknown world families {bad}; known: {list(FAMILIES)}")
+      raise ValueError(f"unknown world families {bad}; known: {list(ALL_FAMILIES)}")
 
   @property
   def family_names(self) -> tuple[str, ...]:
@@ -118,9 +130,13 @@ class WorldConfig:
     return cls(**d)  # __post_init__ checks the values.
 
 
+def base_pick(rng: np.random.Generator, seq: Sequence[Any]) -> Any:
+  return seq[int(rng.integers(len(seq)))]
+
+
 def make_prompt(family: str, spec: dict[str, Any], template: int,
                 split: str) -> Prompt:
-  fam = FAMILIES[family]
+  fam = ALL_FAMILIES[family]
   return Prompt(
       text=PROMPT_FORMAT.format(instruction=fam.render(spec, template)),
       family=family, template=template, split=split, spec=spec,
@@ -144,7 +160,7 @@ def sample_prompts(n: int, split: str, rng: np.random.Generator,
   while len(out) < n and active:
     family = active[i % len(active)]
     for _ in range(100):
-      spec = FAMILIES[family].sample(rng, split)
+      spec = ALL_FAMILIES[family].sample(rng, split)
       template = int(rng.choice(TEMPLATE_SPLITS[split]))
       prompt = make_prompt(family, spec, template, split)
       if prompt.text not in seen:
@@ -171,7 +187,7 @@ def candidate_responses(prompt: Prompt, k: int,
   asked only if the pool is too small (never for the built-in families).
   """
   ref = prompt.reference
-  wrong = [w for w in FAMILIES[prompt.family].corruptions(prompt.spec, rng)
+  wrong = [w for w in ALL_FAMILIES[prompt.family].corruptions(prompt.spec, rng)
            if w.strip()]
   pool = list(wrong)
   if len(ref) > 1:
@@ -287,9 +303,16 @@ class World:
     """
     prompts = self.prompts("sft", split)
     chatty = self._rng(split, "sign_off").random(len(prompts)) < self.config.sign_off
-    return [common.Demo(p.text, f"{p.reference} {SIGN_OFF}" if c else p.reference,
+    answers = [p.reference for p in prompts]
+    if self.config.demo_errors > 0:  # Own stream: no other data changes.
+      rng = self._rng(split, "demo_errors")
+      for i, p in enumerate(prompts):
+        fam = ALL_FAMILIES[p.family]
+        if rng.random() < self.config.demo_errors and hasattr(fam, "mistakes"):
+          answers[i] = base_pick(rng, fam.mistakes(p.spec, rng))
+    return [common.Demo(p.text, f"{a} {SIGN_OFF}" if c else a,
                         f"world:sft:{split}:{i}")
-            for i, (p, c) in enumerate(zip(prompts, chatty))]
+            for i, (p, a, c) in enumerate(zip(prompts, answers, chatty))]
 
   @functools.lru_cache(maxsize=None)
   def comparisons(self, split: str) -> list[common.Comparison]:
@@ -302,7 +325,9 @@ class World:
         raise common.DataError(f"world:rm:{split}:{i}",
                                f"only {len(responses)} distinct responses")
       group = int(rng.integers(labelers.NUM_GROUPS))
-      ranks = labelers.rank_responses(p, responses, group=group, rng=rng)
+      ranks = labelers.rank_responses(
+          p, responses, group=group, rng=rng,
+          temperature=self.config.labeler_temperature)
       out.append(common.Comparison(p.text, tuple(responses), tuple(ranks),
                                    group, f"world:rm:{split}:{i}"))
     return out

@@ -1,5 +1,6 @@
 """The instruction families of the miniature world, by name."""
 from instructrl.data.families import base
+from instructrl.data.families import judged
 from instructrl.data.families import structured
 from instructrl.data.families import text
 
@@ -12,3 +13,9 @@ FAMILIES: dict[str, base.Family] = {
         structured.Arithmetic(), text.Repeat(), text.CountLetter(),
         text.KthWord(), structured.ContextQA(), structured.ListItems())
 }
+
+# World v2 (issue 18; docs/design.md "World v2"): not in FAMILIES, so the
+# default world (families="") stays the nine above, byte for byte.
+V2_FAMILIES: dict[str, base.Family] = {
+    f.name: f for f in (judged.Select(), judged.Lookup(), judged.Route())}
+ALL_FAMILIES: dict[str, base.Family] = {**FAMILIES, **V2_FAMILIES}
