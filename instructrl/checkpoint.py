@@ -50,11 +50,17 @@ API:
       FloatingPointError (writing nothing) if a floating leaf of `state` is
       NaN/Inf.
   ckpt.restore(step=None, abstract_state=...) -> (state, data_state, meta)
-      Latest step when `step` is None. Returns `state` with the exact tree
-      structure (nnx Variables and their metadata included) and the
+      Latest good step when `step` is None. Returns `state` with the exact
+      tree structure (nnx Variables and their metadata included) and the
       shardings of `abstract_state`; orbax reads each shard straight onto
-      its device, also into a mesh layout other than the saved one.
-  ckpt.wait()    # pending async saves committed, pruned steps deleted
+      its device, also into a mesh layout other than the saved one. The
+      restored state is checked (finite; the bits' per-leaf checksums
+      stored in meta at save time); a latest step that fails to read or
+      check is renamed `damaged.<step>` with a one-line warning and the
+      previous kept step restored (DamagedCheckpoint when `step` is given).
+  ckpt.wait()    # pending async saves committed, pruned steps deleted;
+                 # SaveFailed (one line) if one failed, e.g. a full disk:
+                 # that step stays a tmp dir, never a step
   ckpt.close()   # wait() + release; also a context manager. Call it (or
                  # wait) before exiting, else the last async save is lost
                  # (cleanly: it never becomes a step).
@@ -67,6 +73,8 @@ process's part keyed by process index).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -79,6 +87,16 @@ from etils import epath
 from instructrl import state_format as sf
 
 _STATE, _DATA, _META = "state", "data", "meta"
+# meta's entry for state_format.fingerprint(state), checked on restore.
+_FINGERPRINT = "state_fingerprint"
+
+
+class DamagedCheckpoint(ValueError):
+  """A committed checkpoint whose content is not what was saved."""
+
+
+class SaveFailed(OSError):
+  """A save did not commit (disk full, storage error); one line says why."""
 
 
 def _check_json(name: str, obj) -> None:
@@ -90,6 +108,10 @@ def _check_json(name: str, obj) -> None:
 
 
 _policies = ocp.checkpoint_managers
+
+
+def _one_line(e: BaseException) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 # orbax logs this on every save without metrics once metrics are stored at
 # all (its `best_fn` set); here such saves are the normal periodic ones.
@@ -239,28 +261,78 @@ class Checkpointer:
       raise FloatingPointError(
           f"refusing to checkpoint step {step}: non-finite values in {shown}")
     flat, _ = sf.flatten(state)
+    dtypes = {"/".join(p): str(getattr(sf.raw(x), "dtype", "")) for p, x in flat}
+    meta[_FINGERPRINT] = {k: [v, dtypes[k]] for k, v in
+                          sf.fingerprint(state).items()}
     disk = sf.nest((path, sf.to_disk(sf.raw(leaf))) for path, leaf in flat)
     # The decision was made above (orbax's force=True skips a second
     # should_save; it never overwrites a step).
-    return self._mngr.save(step, force=True, metrics=metrics,
-                            args=ocp.args.Composite(**{
-                                _STATE: ocp.args.StandardSave(disk),
-                                _DATA: ocp.args.JsonSave(data_state),
-                                _META: ocp.args.JsonSave(meta),
-                            }))
+    with self._save_errors(step):
+      return self._mngr.save(step, force=True, metrics=metrics,
+                              args=ocp.args.Composite(**{
+                                  _STATE: ocp.args.StandardSave(disk),
+                                  _DATA: ocp.args.JsonSave(data_state),
+                                  _META: ocp.args.JsonSave(meta),
+                              }))
+
+  @contextlib.contextmanager
+  def _save_errors(self, step: int | None):
+    """An error of orbax's writer (raised by the next save or wait) as one
+    `SaveFailed` line; the step it hit stays an uncommitted tmp dir."""
+    try:
+      yield
+    except SaveFailed:
+      raise
+    except (OSError, ValueError, RuntimeError) as e:
+      first = _one_line(e)
+      if "No space left" in str(e) or getattr(e, "errno", None) == errno.ENOSPC:
+        first = "no space left on device"
+      where = f"step {step}" if step is not None else "a pending save"
+      raise SaveFailed(
+          f"checkpoint: saving {where} to {self.directory} failed: "
+          f"{first}; not committed (latest complete step: "
+          f"{self._committed_step()})") from e
+
+  def _committed_step(self) -> int | None:
+    self._mngr.reload()
+    return self._mngr.latest_step()
 
   def restore(self, step: int | None = None, *, abstract_state):
-    """Returns (state, data_state, meta) of `step` (default: the latest).
+    """Returns (state, data_state, meta) of `step` (default: the latest good).
 
     `abstract_state` (see `state_format.abstract_like`) fixes the tree structure, dtypes
     (values are cast, e.g. float32 -> bfloat16) and shardings of the
     returned state. Paths or shapes that differ from the stored ones raise
     ValueError (a missing or extra entry, a changed shape).
+
+    A restored state is checked: finite, and (for checkpoints that carry
+    one) the same bits as saved (`state_format.fingerprint`). Without
+    `step`, a latest checkpoint that fails to read or check is moved aside
+    to `damaged.<step>` with a one-line warning and the previous kept one
+    is tried; if none restores, the latest's error is raised and nothing is
+    moved (a config that no longer matches any checkpoint is the user's).
     """
-    if step is None:
-      step = self.latest_step()
-      if step is None:
-        raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if step is not None:
+      return self._restore_checked(int(step), abstract_state)
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    failures = []
+    for s in steps:
+      try:
+        out = self._restore_checked(s, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except
+        failures.append((s, e))
+        continue
+      for bad, e in failures:
+        logging.warning(
+            "checkpoint: step %d in %s is damaged (%s); resuming from step %d",
+            bad, self.directory, _one_line(e), s)
+      self._set_aside([bad for bad, _ in failures])
+      return out
+    raise failures[0][1]
+
+  def _restore_checked(self, step: int, abstract_state):
     flat, treedef = sf.flatten(abstract_state)
     for path, leaf in flat:
       if getattr(sf.raw(leaf), "sharding", None) is None:
@@ -278,18 +350,50 @@ class Checkpointer:
       value = sf.from_disk(sf.lookup(out[_STATE], path), sf.raw(leaf))
       leaves.append(leaf.replace(value) if sf.is_variable(leaf) else value)
     state = jax.tree_util.tree_unflatten(treedef, leaves)
-    return state, dict(out[_DATA] or {}), dict(out[_META] or {})
+    meta = dict(out[_META] or {})
+    saved = meta.pop(_FINGERPRINT, None)
+    bad = sf.nonfinite_leaves(state)
+    if bad:
+      raise DamagedCheckpoint(f"non-finite values in {', '.join(bad[:3])}")
+    if saved is not None:
+      now = sf.fingerprint(state)
+      dtypes = {"/".join(p): str(sf.raw(x).dtype) for p, x in sf.flatten(state)[0]}
+      # A cast (restored in another dtype than saved) changes the bits:
+      # only leaves restored as saved are compared.
+      differ = [k for k, (v, dtype) in saved.items()
+                if k in now and dtypes[k] == dtype and now[k] != v]
+      if differ:
+        raise DamagedCheckpoint(f"checksum mismatch in {', '.join(differ[:3])}")
+    return state, dict(out[_DATA] or {}), meta
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged step dirs to `damaged.<step>` (orbax ignores them)."""
+    if not steps:
+      return
+    if jax.process_index() == 0:
+      for s in steps:
+        src = self.directory / str(s)
+        dst = self.directory / f"damaged.{s}"
+        if dst.exists():
+          dst.rmtree()
+        src.rename(dst)
+    ocp.multihost.sync_global_processes("instructrl_checkpoint_set_aside")
+    self._mngr.reload()
 
   def wait(self) -> None:
     """Blocks until pending saves are committed and old ones pruned.
 
-    No tmp-dir cleanup to await: the constructor already did it.
+    No tmp-dir cleanup to await: the constructor already did it. Raises
+    SaveFailed if a pending save failed.
     """
-    self._mngr.wait_until_finished()
+    with self._save_errors(None):
+      self._mngr.wait_until_finished()
 
   def close(self) -> None:
-    self.wait()
-    self._mngr.close()
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
   def __enter__(self) -> Checkpointer:
     return self

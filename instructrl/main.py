@@ -30,6 +30,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "off"],
                                  "'off': never call jax.distributed.initialize.")
+_LOST_PROCESS_TIMEOUT = flags.DEFINE_integer(
+    "lost_process_timeout_s", 120,
+    "Multi-process: end every process this long after one stops responding.")
 
 
 def _fail(message, code: int) -> None:
@@ -56,16 +59,30 @@ def main(argv):
   from instructrl.tools import distributed  # pylint: disable=g-import-not-at-top
   try:
     if distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                              _PROCESS_ID.value, _DISTRIBUTED.value):
+                              _PROCESS_ID.value, _DISTRIBUTED.value,
+                              lost_process_timeout_s=_LOST_PROCESS_TIMEOUT.value):
       print(distributed.describe(), file=sys.stderr)
   except ValueError as e:
     _fail(f"--distributed: {e}", 2)
+  from instructrl import checkpoint  # pylint: disable=g-import-not-at-top
+  from instructrl import preemption  # pylint: disable=g-import-not-at-top
   try:
     runner.run(config, _WORKDIR.value)
+  except preemption.Preempted as e:  # Saved; 143 (SIGTERM) or 130 (SIGINT).
+    print(f"preempted: {e}", file=sys.stderr)
+    sys.exit(e.exit_code)
   except runner.user_errors() as e:
     _fail(e, 2)
   except FloatingPointError as e:
     _fail(e, 3)
+  except checkpoint.SaveFailed as e:  # A full disk, a storage error.
+    _fail(e, 4)
+  except Exception as e:  # pylint: disable=broad-except
+    if not distributed.lost_peer(e):
+      raise
+    # jax's shutdown then names the process that stopped heartbeating.
+    _fail(f"lost another process ({str(e).splitlines()[0][:160]}); every "
+          "process ends: restart them all to resume from the last checkpoint", 5)
 
 
 def _unknown_key(argv, error) -> str:

@@ -23,6 +23,14 @@ the config's scalar leaves (nested keys joined with ".") as hyperparameters
 for TensorBoard's HParams tab, all in that one run directory.
 
 Only process 0 writes (multi-host), unless `active` says otherwise.
+
+Paths go through `instructrl.paths` (etils.epath), so the workdir may be on
+an object store (`gs://...`). Those have no append: there the writer keeps
+the file's text and uploads it whole at most every `flush_s` seconds and on
+close (a killed process loses at most those seconds of lines; the steps
+they logged are replayed from the checkpoint anyway). TensorBoard events are
+written for local workdirs only: tensorboardX writes through its own
+gs/s3 clients, not epath, so elsewhere they are skipped with one warning.
 """
 from __future__ import annotations
 
@@ -39,6 +47,8 @@ import jax
 import numpy as np
 import tensorboardX
 from tensorboardX import summary as tbx_summary
+
+from instructrl import paths
 
 # --- Host values. ------------------------------------------------------------
 
@@ -89,22 +99,26 @@ def check_finite(metrics: Mapping[str, Any], step: int) -> None:
 _RESERVED = ("stage", "step", "time", "elapsed", "nonfinite")
 
 
-def _repair_torn_tail(path: str) -> None:
-  """Truncates a partial last line left by a killed writer."""
-  if not os.path.exists(path):
-    return
-  with open(path, "rb+") as f:
-    data = f.read()  # once per start; even long runs log only megabytes
-    keep = data.rfind(b"\n") + 1
-    if keep != len(data):
-      f.truncate(keep)
-      logging.warning("metrics: dropped a torn last line in %s", path)
+def _repair_torn_tail(path: str) -> bytes:
+  """Truncates a partial last line left by a killed writer; returns the rest."""
+  p = paths.path(path)
+  if not p.exists():
+    return b""
+  data = p.read_bytes()  # once per start; even long runs log only megabytes
+  keep = data.rfind(b"\n") + 1
+  if keep != len(data):
+    if paths.is_local(path):
+      with open(path, "rb+") as f:
+        f.truncate(keep)
+    else:
+      p.write_bytes(data[:keep])
+    logging.warning("metrics: dropped a torn last line in %s", path)
+  return data[:keep]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
   """All records of a metrics.jsonl; a torn last line is skipped."""
-  with open(path, "rb") as f:
-    lines = f.read().split(b"\n")
+  lines = paths.path(path).read_bytes().split(b"\n")
   out = []
   for i, line in enumerate(lines):
     if not line.strip():
@@ -145,20 +159,30 @@ class MetricsWriter:
   """Logs one stage's metrics to workdir/metrics.jsonl and TensorBoard."""
 
   def __init__(self, workdir: str | os.PathLike, stage: str, *,
-               tensorboard: bool = True, active: bool | None = None):
+               tensorboard: bool = True, active: bool | None = None,
+               flush_s: float = 10.0):
     self.stage = stage
     self.active = jax.process_index() == 0 if active is None else active
-    self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
-    self.tb_dir = os.path.join(os.fspath(workdir), "tb", stage)
+    self.path = paths.join(workdir, "metrics.jsonl")
+    self.tb_dir = paths.join(workdir, "tb", stage)
     self._start = time.monotonic()
     self._f = None
     self._tb = None
+    self._remote = None  # [text so far, last upload time] off a local disk
+    self._flush_s = flush_s
     if not self.active:
       return
-    os.makedirs(workdir, exist_ok=True)
-    _repair_torn_tail(self.path)
-    self._f = open(self.path, "a", encoding="utf-8")
-    if tensorboard:
+    paths.makedirs(workdir)
+    kept = _repair_torn_tail(self.path)
+    if paths.is_local(self.path):
+      self._f = open(self.path, "a", encoding="utf-8")
+    else:
+      self._remote = [kept.decode("utf-8"), time.monotonic()]
+    if tensorboard and not paths.is_local(self.tb_dir):
+      logging.warning("metrics: no TensorBoard events for %s (tensorboardX "
+                      "writes local paths only here); metrics.jsonl has all",
+                      self.tb_dir)
+    elif tensorboard:
       # flush_secs=1: tensorboardX's writer thread puts queued events on disk
       # within a second, so a killed process loses at most the last second.
       self._tb = tensorboardX.SummaryWriter(
@@ -178,10 +202,15 @@ class MetricsWriter:
     record.update({k: None if k in bad else v for k, v in host.items()})
     if bad:
       record["nonfinite"] = bad
+    line = json.dumps(record, allow_nan=False) + "\n"
     if self._f is not None:
       # One write of a whole line, then flush: a crash tears at most the end.
-      self._f.write(json.dumps(record, allow_nan=False) + "\n")
+      self._f.write(line)
       self._f.flush()
+    if self._remote is not None:
+      self._remote[0] += line
+      if time.monotonic() - self._remote[1] >= self._flush_s:
+        self._upload()
     if self._tb is not None:
       for k, v in host.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -196,10 +225,7 @@ class MetricsWriter:
       return
     text = config if isinstance(config, str) else json.dumps(
         config, indent=2, sort_keys=True, default=str)
-    os.makedirs(self.tb_dir, exist_ok=True)
-    path = os.path.join(self.tb_dir, "config.json")
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(text + "\n")
+    paths.write_atomic(paths.join(self.tb_dir, "config.json"), text + "\n")
     if self._tb is None:
       return
     # Indented lines render as preformatted text in the markdown view.
@@ -220,10 +246,17 @@ class MetricsWriter:
       _, session_start, _ = tbx_summary.hparams(hparams, {})
       self._tb.file_writer.add_summary(session_start, int(step))
 
+  def _upload(self) -> None:
+    paths.path(self.path).write_text(self._remote[0])
+    self._remote[1] = time.monotonic()
+
   def close(self) -> None:
     if self._f is not None:
       self._f.close()
       self._f = None
+    if self._remote is not None:
+      self._upload()
+      self._remote = None
     if self._tb is not None:
       self._tb.close()  # writes what is queued, flushes, closes the file
       self._tb = None

@@ -169,3 +169,90 @@ def test_launch_scripts_are_shellcheck_clean():
   out = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
   assert out.returncode == 0, out.stdout
+
+
+# --- A lost process. ----------------------------------------------------------
+
+LOST_S = 5  # --lost_process_timeout_s in the test (default 120).
+LONG = ("--config.pretrain.steps=10", f"--lost_process_timeout_s={LOST_S}")
+
+
+def _start_pair(workdir, logs) -> list[subprocess.Popen]:
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  for var in distributed.ENV.values():
+    env.pop(var, None)
+  procs = []
+  for i in range(2):
+    with open(logs / f"p{i}.txt", "ab") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "instructrl.main", f"--workdir={workdir}",
+           *ARGS, *LONG, f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}"],
+          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait_all(procs, logs, timeout=TIMEOUT_S) -> None:
+  try:
+    for i, p in enumerate(procs):
+      assert p.wait(timeout=timeout) == 0, (logs / f"p{i}.txt").read_text()[-3000:]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
+def _pure(path):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  # Saved on two processes' devices: read onto one of ours.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as c:
+    meta = c.metadata(os.path.abspath(path)).item_metadata
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one), meta)
+    return jax.tree.map(np.asarray, c.restore(os.path.abspath(path), target))
+
+
+def test_a_lost_process_ends_the_other_and_both_resume_bitwise(tmp_path):
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ref, work, logs = tmp_path / "ref", tmp_path / "work", tmp_path / "logs"
+  logs.mkdir()
+  procs = _start_pair(work, logs)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(s >= 3 for s in (_losses(work) if (
+        work / "metrics.jsonl").exists() else {})):
+      assert procs[0].poll() is None and time.monotonic() < deadline, (
+          logs / "p0.txt").read_text()[-3000:]
+      time.sleep(0.01)
+    procs[1].kill()  # SIGKILL, mid-run: no goodbye to the coordinator.
+    t0 = time.monotonic()
+    code = procs[0].wait(timeout=LOST_S * 12)
+    lost_s = time.monotonic() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  out = (logs / "p0.txt").read_text()
+  assert code != 0, out[-3000:]
+  assert lost_s < LOST_S + 30, lost_s
+  assert "lost another process" in out, out[-3000:]  # Our line, then
+  assert "Task 1 heartbeat timeout" in out, out[-3000:]  # jax's naming it.
+  print(f"survivor exited {code} {lost_s:.1f}s after the kill")
+  _wait_all(_start_pair(work, logs), logs)  # Both restarted: they resume.
+  _wait_all(_start_pair(ref, logs), logs)  # The uninterrupted run.
+  a = _pure(ref / "pretrain" / "export" / "params")
+  b = _pure(work / "pretrain" / "export" / "params")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  want, got = _losses(ref), _losses(work)
+  assert sorted(want) == list(range(1, 11))
+  assert all(got[s] == want[s] for s in got) and set(got) == set(want)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Callable, Iterator
 
@@ -22,42 +21,51 @@ from instructrl import checkpoint as ckpt_lib
 from instructrl import state_format
 from instructrl import mesh as mesh_lib
 from instructrl import metrics as metrics_lib
+from instructrl import paths
+from instructrl import preemption
 from instructrl.stages.errors import ConfigError
 
 
 def stage_dir(workdir: str, stage: str) -> str:
-  return os.path.join(workdir, stage)
+  return paths.join(workdir, stage)
+
+
+def _info_path(workdir: str, stage: str) -> str:
+  return paths.join(stage_dir(workdir, stage), "export", "info.json")
 
 
 def is_done(workdir: str, stage: str) -> bool:
-  return os.path.exists(os.path.join(stage_dir(workdir, stage), "export", "info.json"))
+  return paths.exists(_info_path(workdir, stage))
 
 
 def read_info(workdir: str, stage: str) -> dict:
-  with open(os.path.join(stage_dir(workdir, stage), "export", "info.json")) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(_info_path(workdir, stage)))
 
 
 def save_params(path: str, params) -> None:
-  """Writes params atomically: to a temp dir, then rename over the old one."""
-  tmp = path + ".tmp"
-  shutil.rmtree(tmp, ignore_errors=True)
-  with ocp.StandardCheckpointer() as c:
-    c.save(os.path.abspath(tmp), nnx.to_pure_dict(params))
-    c.wait_until_finished()
+  """Writes params atomically: locally to a tmp dir renamed over the old one;
+  on an object store in place (orbax commits it), before the done marker."""
+  final = paths.path(path)
+  local = paths.is_local(path)
+  target = final.parent / (final.name + ".tmp") if local else final
   if jax.process_index() == 0:
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    paths.rmtree(target)
+  with ocp.StandardCheckpointer() as c:
+    c.save(target, nnx.to_pure_dict(params))
+    c.wait_until_finished()
+  if local and jax.process_index() == 0:
+    paths.rmtree(final)
+    os.replace(target, final)
 
 
 def load_params(path: str, abstract_params, shardings):
   """Reads params saved by `save_params` straight into their shardings."""
-  if not os.path.isdir(path):
+  if not paths.path(path).is_dir():
     raise ConfigError(f"no parameters at {path}")
   target = state_format.abstract_like(nnx.to_pure_dict(abstract_params),
                                   nnx.to_pure_dict(shardings))
   with ocp.StandardCheckpointer() as c:
-    pure = c.restore(os.path.abspath(path), target)
+    pure = c.restore(paths.path(path), target)
   params = jax.tree.map(lambda x: x, abstract_params)
   nnx.replace_by_pure_dict(params, pure)
   return params
@@ -69,21 +77,19 @@ def export(workdir: str, stage: str, params, info: dict) -> None:
   if bad:
     raise FloatingPointError(f"{stage}: refusing to export non-finite parameters "
                              f"({', '.join(bad[:3])})")
-  out = os.path.join(stage_dir(workdir, stage), "export")
-  os.makedirs(out, exist_ok=True)
-  save_params(os.path.join(out, "params"), params)
+  out = paths.join(stage_dir(workdir, stage), "export")
+  paths.makedirs(out)
+  save_params(paths.join(out, "params"), params)
   if jax.process_index() == 0:
-    tmp = os.path.join(out, "info.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(info, f, indent=1, default=float)
-    os.replace(tmp, os.path.join(out, "info.json"))
+    paths.write_atomic(paths.join(out, "info.json"),
+                       json.dumps(info, indent=1, default=float))
 
 
 def load_export(workdir: str, stage: str, abstract_params, shardings):
   if not is_done(workdir, stage):
     raise ConfigError(f"stage {stage!r} has no finished result in "
                       f"{stage_dir(workdir, stage)} (run it first)")
-  path = os.path.join(stage_dir(workdir, stage), "export", "params")
+  path = paths.join(stage_dir(workdir, stage), "export", "params")
   return load_params(path, abstract_params, shardings)
 
 
@@ -128,10 +134,22 @@ def train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn: Calla
   end. A checkpoint that improves the validation metric is saved with it,
   and orbax keeps it beside the latest `lc.keep`. Returns (state,
   best_params, summary dict).
+
+  On SIGTERM/SIGINT (instructrl.preemption) the loop finishes the step it
+  is in, saves it (all processes agree on the step), and raises
+  `preemption.Preempted`; the rerun resumes from that step.
   """
+  with preemption.guard():
+    return _train_loop(lc, workdir, state=state, shardings=shardings,
+                       step_fn=step_fn, batches=batches, mesh=mesh,
+                       eval_fn=eval_fn, config_json=config_json)
+
+
+def _train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn,
+                batches, mesh, eval_fn, config_json):
   sdir = stage_dir(workdir, lc.stage)
   best_metric = f"val_{lc.eval_key}" if eval_fn is not None else None
-  ckpt = ckpt_lib.Checkpointer(os.path.join(sdir, "ckpt"), max_to_keep=lc.keep,
+  ckpt = ckpt_lib.Checkpointer(paths.join(sdir, "ckpt"), max_to_keep=lc.keep,
                                save_every=lc.save_every, best_metric=best_metric,
                                best_mode=lc.eval_mode)
   best = {"value": None, "step": None}
@@ -147,17 +165,20 @@ def train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn: Calla
   rng = jax.random.key(lc.seed)
   step = int(jax.device_get(state["step"]))
   start, start_step = time.monotonic(), step
-  last = {}
+  last, stop = {}, None
   try:
-    while step < lc.num_steps:
+    while step < lc.num_steps and stop is None:
       batch = mesh_lib.put_batch(next(batches), mesh)
       state, metrics = step_fn(state, batch, rng)
+      preemption.arm()  # Compiled, a step computed: worth saving from now on.
       step += 1
       final = step == lc.num_steps
+      stop = None if final else preemption.should_stop(step)
       do_eval = eval_fn is not None and (
           final or (lc.eval_every and step % lc.eval_every == 0))
       improved = None
-      if step % lc.log_every == 0 or final or step % lc.save_every == 0 or do_eval:
+      if (step % lc.log_every == 0 or final or step % lc.save_every == 0
+          or do_eval or stop is not None):
         host = metrics_lib.to_host(metrics)
         metrics_lib.check_finite(host, step)  # Before any save of this state.
         rate = (step - start_step) / max(time.monotonic() - start, 1e-9)
@@ -174,12 +195,13 @@ def train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn: Calla
       progress.update(step, tokens=lc.tokens_per_step)
       ckpt.save(step, state, data_state=batches.get_state(),
                 meta={"best": best, "stage": lc.stage}, metrics=improved,
-                force=final or improved is not None)
-    best_params = state["params"]
-    best_step = ckpt.best_step()
-    if best_step is not None and best_step != step:
-      ckpt.wait()
-      best_params = ckpt.restore(best_step, abstract_state=target)[0]["params"]
+                force=final or improved is not None or stop is not None)
+    if stop is None:
+      best_params = state["params"]
+      best_step = ckpt.best_step()
+      if best_step is not None and best_step != step:
+        ckpt.wait()
+        best_params = ckpt.restore(best_step, abstract_state=target)[0]["params"]
   finally:
     # Also when halting on a NaN loss: the pending async saves hold good
     # states; without this wait the interpreter exits mid-save and the
@@ -187,6 +209,9 @@ def train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn: Calla
     ckpt.close()
     writer.close()
     progress.close()
+  if stop is not None:
+    preemption.disarm()  # Acted on: not to be delivered again.
+    raise preemption.Preempted(lc.stage, step, stop, paths.join(sdir, "ckpt"))
   summary = {"steps": step, "best": best, "last": last}
   return state, best_params, summary
 

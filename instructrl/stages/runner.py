@@ -7,11 +7,11 @@ programs, shardings and abstract arguments; what `tools.aot` compiles) and
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import jax
 
+from instructrl import paths
 from instructrl.stages import evaluate
 from instructrl.stages import lm
 from instructrl.stages import loop
@@ -39,10 +39,14 @@ def run_stage(config, workdir: str, stage: str, mesh) -> dict:
 
 
 def run(config, workdir: str, devices=None) -> dict:
-  """Runs `config.stage` (or every unfinished stage) on a mesh of `devices`."""
+  """Runs `config.stage` (or every unfinished stage) on a mesh of `devices`.
+
+  A SIGTERM/SIGINT during a training loop stops it at a step boundary with
+  a checkpoint (`preemption.Preempted`); elsewhere it kills at once.
+  """
   mesh = validate.make_mesh(config, devices)
   validate.validate(config, workdir, mesh)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if config.stage != "pipeline":
     return {config.stage: run_stage(config, workdir, config.stage, mesh)}
   results = {}
@@ -57,8 +61,8 @@ def run(config, workdir: str, devices=None) -> dict:
   results["eval"].pop("report", None)  # Printed above; in eval/report.json.
   print(summary_table(results))
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(results, f, indent=1, default=float)
+    paths.write_atomic(paths.join(workdir, "summary.json"),
+                       json.dumps(results, indent=1, default=float))
   return results
 
 

@@ -27,6 +27,10 @@ from typing import Mapping
 
 import jax
 
+# jax's default is 100 s; a pod's collectives stall longer on a slow host
+# only in pathologies worth ending anyway.
+LOST_PROCESS_TIMEOUT_S = 120
+
 ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS",
        "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
 
@@ -80,12 +84,24 @@ def resolve(coordinator_address: str | None = None, num_processes: int | None = 
 
 def initialize(coordinator_address: str | None = None,
                num_processes: int | None = None, process_id: int | None = None,
-               mode: str = "auto", timeout_s: int = 300) -> bool:
+               mode: str = "auto", timeout_s: int = 300,
+               lost_process_timeout_s: int = LOST_PROCESS_TIMEOUT_S) -> bool:
   """Joins the processes of this job; returns whether it is multi-process.
 
   Call before anything touches a jax backend (device lists, arrays). A
   second call is a no-op.
+
+  `lost_process_timeout_s`: a process that stops sending heartbeats to the
+  coordination service for this long is declared dead, and the service ends
+  every other process with an error naming it (`/job:jax_worker/.../task:<i>`
+  = process i), instead of leaving them blocked in a collective. If process
+  0 (the coordinator) dies, the others notice their heartbeats failing
+  within the same time. Too small and a long pause (a slow checkpoint
+  write, swapping) kills a healthy job.
   """
+  if lost_process_timeout_s < 1:
+    raise ValueError(f"--lost_process_timeout_s must be >= 1, got "
+                     f"{lost_process_timeout_s}")
   if jax.distributed.is_initialized():
     return jax.process_count() > 1
   kwargs = resolve(coordinator_address, num_processes, process_id, mode)
@@ -95,13 +111,27 @@ def initialize(coordinator_address: str | None = None,
     # The CPU backend has no cross-process collectives unless told which.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
-    jax.distributed.initialize(**kwargs, initialization_timeout=timeout_s)
+    jax.distributed.initialize(
+        **kwargs, initialization_timeout=timeout_s,
+        heartbeat_timeout_seconds=int(lost_process_timeout_s),
+        # A process that exits waits this long for the others at shutdown.
+        shutdown_timeout_seconds=int(lost_process_timeout_s))
   except ValueError:
     if kwargs:
       raise
     # Our guess of a cluster was wrong (jax found none): one process.
     return False
   return jax.process_count() > 1
+
+
+def lost_peer(error: BaseException) -> bool:
+  """Whether `error` is a collective failing because a peer process died
+  (gloo's reset connection, the coordination service's unhealthy task)."""
+  if jax.process_count() < 2 or not isinstance(error, jax.errors.JaxRuntimeError):
+    return False
+  text = str(error)
+  return any(s in text for s in ("Connection reset by peer", "Connection closed",
+                                 "heartbeat", "unhealthy", "UNAVAILABLE"))
 
 
 def describe() -> str:
