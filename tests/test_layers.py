@@ -16,6 +16,7 @@ still a cycle). Read from the source with `ast`, so nothing is imported.
 from __future__ import annotations
 
 import ast
+import os
 import pathlib
 from collections import Counter
 
@@ -168,4 +169,30 @@ def test_the_core_and_losses_import_without_tensorflow():
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                        text=True, check=True, env={"JAX_PLATFORMS": "cpu",
                                                    "PATH": "/usr/bin:/bin"})
+  assert out.stdout.strip() == "False"
+
+
+def test_the_tiny_pipelines_data_path_imports_no_tensorflow():
+  """Vocabularies are our own (SentencePiece, bytes, `tokenizers`): reading,
+  tokenizing and batching every stage's data of default.py:tiny, and the
+  sampler's special ids, start neither TensorFlow nor seqio."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  code = (
+      "import sys; import instructrl.main, instructrl.stages.runner\n"
+      "from instructrl import config_files\n"
+      "from instructrl.stages import inputs\n"
+      "c = config_files.get_config('configs/default.py', 'tiny')\n"
+      "for kind, sc, n in (('sft', c.sft, c.sft.seq_len), ('rm', c.rm, c.rm.seq_len),\n"
+      "                    ('prompts', c.ppo, c.ppo.prompt_len),\n"
+      "                    ('lm', c.pretrain, c.pretrain.seq_len)):\n"
+      "  next(inputs.iterator(c, kind, sc.data, 'train', 4, n, 0))\n"
+      "from instructrl.sampling import SampleConfig\n"
+      "assert SampleConfig(**inputs.special_ids(c)).eos_ids == (1,)  # The byte vocab's.\n"
+      "print(any(m in sys.modules for m in ('tensorflow', 'seqio')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin",
+                                       **{k: v for k, v in os.environ.items()
+                                          if k in ("HOME", "INSTRUCTRL_CACHE")}})
+  assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.strip() == "False"

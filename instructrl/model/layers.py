@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import einops
+import numpy as np
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -45,13 +46,19 @@ def dropout(x, rate: float, key):
 
 
 class Norm(nnx.Module):
-  """LayerNorm (gpt) or RMSNorm (llama), computed in fp32."""
+  """LayerNorm (gpt) or RMSNorm (llama), computed in fp32.
 
-  def __init__(self, cfg: ModelConfig):
+  `dim` defaults to d_model (the q/k norms of Qwen3 and Gemma 3 use head_dim).
+  With `norm_plus_one` (Gemma) the scale is (1 + w) and w starts at 0.
+  """
+
+  def __init__(self, cfg: ModelConfig, dim: int | None = None):
     self.cfg = cfg
-    self.scale = make_param(None, (cfg.d_model,), ("norm",), cfg, None, 1.0)
+    dim = dim or cfg.d_model
+    self.scale = make_param(None, (dim,), ("norm",), cfg, None,
+                            0.0 if cfg.norm_plus_one else 1.0)
     if cfg.style == "gpt":
-      self.bias = make_param(None, (cfg.d_model,), ("norm",), cfg, None, 0.0)
+      self.bias = make_param(None, (dim,), ("norm",), cfg, None, 0.0)
 
   def __call__(self, x):
     cfg = self.cfg
@@ -59,16 +66,51 @@ class Norm(nnx.Module):
     if cfg.style == "gpt":
       x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(var + cfg.norm_eps) * self.scale[...].astype(jnp.float32)
+    scale = self.scale[...].astype(jnp.float32)
+    if cfg.norm_plus_one:
+      scale = 1.0 + scale
+    y = x32 * jax.lax.rsqrt(var + cfg.norm_eps) * scale
     if cfg.style == "gpt":
       y = y + self.bias[...].astype(jnp.float32)
     return y.astype(cfg.compute_dtype)
 
 
-def rope(x, positions, theta: float):
-  """Rotary embedding, rotate-half layout. x: [B,T,N,H], positions: [B,T]."""
-  half = x.shape[-1] // 2
+def pick(flag, if_true, if_false):
+  """`flag ? a : b` for a Python bool (static) or a traced one (scanned layers)."""
+  if isinstance(flag, (bool, np.bool_)):
+    return if_true if flag else if_false
+  return jnp.where(flag, if_true, if_false)
+
+
+def rope_frequencies(cfg: ModelConfig, local: bool = False):
+  """RoPE inverse frequencies [head_dim/2] (fp32) of a global or local layer.
+
+  "linear" divides them by the factor (position interpolation); "llama3"
+  divides only the long wavelengths, blending in between (Llama 3.1's
+  `apply_scaling`; transformers' `_compute_llama3_parameters`). Gemma 3's
+  sliding layers use their own theta, unscaled (`rope_local_theta`).
+  """
+  half = cfg.dim_per_head // 2
+  own = local and cfg.rope_local_theta is not None
+  theta = cfg.rope_local_theta if own else cfg.rope_theta
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if own or cfg.rope_scaling == "none":
+    return freq
+  factor = cfg.rope_factor
+  if cfg.rope_scaling == "linear":
+    return freq / factor
+  low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+  old = cfg.rope_original_max_len
+  wavelen = 2 * math.pi / freq
+  scaled = jnp.where(wavelen > old / low, freq / factor, freq)
+  smooth = (old / wavelen - low) / (high - low)
+  blended = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old / high) & (wavelen <= old / low)
+  return jnp.where(medium, blended, scaled)
+
+
+def rope(x, positions, freq):
+  """Rotary embedding, rotate-half layout. x: [B,T,N,H], positions: [B,T]."""
   angle = positions.astype(jnp.float32)[..., None] * freq  # [B,T,H/2]
   cos = jnp.cos(angle)[:, :, None, :]
   sin = jnp.sin(angle)[:, :, None, :]
@@ -89,17 +131,43 @@ class Attention(nnx.Module):
     self.wv = make_param(rngs.params(), (d, k, h), ("embed", "kv_heads", "head_dim"), cfg)
     self.wo = make_param(rngs.params(), (n, h, d), ("heads", "head_dim", "embed"), cfg,
                          out_std)
-    if cfg.style == "gpt":
+    if cfg.style == "gpt" or cfg.qkv_bias:
       self.bq = make_param(None, (n, h), ("heads", "head_dim"), cfg, None)
       self.bk = make_param(None, (k, h), ("kv_heads", "head_dim"), cfg, None)
       self.bv = make_param(None, (k, h), ("kv_heads", "head_dim"), cfg, None)
+    if cfg.style == "gpt":
       self.bo = make_param(None, (d,), ("embed",), cfg, None)
+    if cfg.qk_norm:
+      self.q_norm = Norm(cfg, h)
+      self.k_norm = Norm(cfg, h)
 
   def _proj(self, x, w, b):
     y = jnp.einsum("btd,dnh->btnh", x, w[...].astype(x.dtype))
     if b is not None:
       y = y + b[...].astype(x.dtype)
     return y
+
+  def _attend(self, q, k, v, mask):
+    """Attention with keys and values heads-major [B, K, S, H]; scores fp32.
+
+    Query heads go in groups that share one KV head (GQA). Used with a KV
+    cache, and whenever scores are soft-capped (which the fused
+    dot_product_attention cannot do).
+    """
+    cfg = self.cfg
+    qg = einops.rearrange(q, "b t (k g) h -> b t k g h", k=cfg.kv_heads)
+    s = jnp.einsum("btkgh,bksh->bkgts", qg, k.astype(q.dtype),
+                   preferred_element_type=jnp.float32)
+    if cfg.query_scale is None:
+      s = s / jnp.sqrt(jnp.float32(q.shape[-1]))
+    else:
+      s = s * jnp.float32(cfg.query_scale ** -0.5)
+    if cfg.attn_softcap is not None:  # Gemma 2: before the mask, as theirs.
+      s = jnp.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksh->btkgh", p, v.astype(q.dtype))
+    return einops.rearrange(out, "b t k g h -> b t (k g) h")
 
   def _cached_attention(self, q, k, v, mask, kv, cache_index):
     """Attention over the KV cache, kept heads-major: [B, K, S, H].
@@ -113,25 +181,26 @@ class Attention(nnx.Module):
         c, einops.rearrange(x, "b t k h -> b k t h").astype(c.dtype),
         (0, 0, cache_index, 0))
     ck, cv = put(kv["k"], k), put(kv["v"], v)
-    h = q.shape[-1]
-    # Query heads in groups that share one KV head (GQA).
-    qg = einops.rearrange(q, "b t (k g) h -> b t k g h", k=self.cfg.kv_heads)
-    s = jnp.einsum("btkgh,bksh->bkgts", qg, ck.astype(q.dtype),
-                   preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
-    s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)
-    p = jax.nn.softmax(s, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksh->btkgh", p, cv.astype(q.dtype))
-    return einops.rearrange(out, "b t k g h -> b t (k g) h"), {"k": ck, "v": cv}
+    return self._attend(q, ck, cv, mask), {"k": ck, "v": cv}
 
-  def __call__(self, x, positions, mask, kv=None, cache_index=None):
-    """x: [B,T,D]; mask: bool [B,1,T,S]; kv: {"k","v"} [B,K,S,H] or None."""
+  def __call__(self, x, positions, mask, kv=None, cache_index=None, sliding=False):
+    """x: [B,T,D]; mask: bool [B,1,T,S]; kv: {"k","v"} [B,K,S,H] or None.
+
+    `sliding` (a bool, traced under scan) picks the local RoPE theta.
+    """
     cfg = self.cfg
     gpt = cfg.style == "gpt"
-    q = self._proj(x, self.wq, self.bq if gpt else None)
-    k = self._proj(x, self.wk, self.bk if gpt else None)
-    v = self._proj(x, self.wv, self.bv if gpt else None)
+    biased = gpt or cfg.qkv_bias
+    q = self._proj(x, self.wq, self.bq if biased else None)
+    k = self._proj(x, self.wk, self.bk if biased else None)
+    v = self._proj(x, self.wv, self.bv if biased else None)
+    if cfg.qk_norm:  # Per head, before RoPE (Qwen3, Gemma 3).
+      q, k = self.q_norm(q), self.k_norm(k)
     if not gpt:
-      q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+      freq = rope_frequencies(cfg)
+      if cfg.rope_local_theta is not None:
+        freq = pick(sliding, rope_frequencies(cfg, local=True), freq)
+      q, k = rope(q, positions, freq), rope(k, positions, freq)
     q = constrain(q, ("act_batch", "act_len", "act_heads", None))
     if kv is not None:
       out, new_kv = self._cached_attention(q, k, v, mask, kv, cache_index)
@@ -139,8 +208,13 @@ class Attention(nnx.Module):
       new_kv = None
       k = constrain(k, ("act_batch", "act_len", "act_kv_heads", None))
       v = constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask,
-                                         implementation=cfg.attention_impl)
+      if cfg.attn_softcap is not None:
+        heads_major = lambda a: einops.rearrange(a, "b s k h -> b k s h")
+        out = self._attend(q, heads_major(k), heads_major(v), mask)
+      else:
+        scale = None if cfg.query_scale is None else cfg.query_scale ** -0.5
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale,
+                                           implementation=cfg.attention_impl)
     out = constrain(out, ("act_batch", "act_len", "act_heads", None))
     y = jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(out.dtype))
     if gpt:
@@ -149,7 +223,7 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  """GELU MLP (gpt) or SwiGLU (llama)."""
+  """GELU MLP (gpt), or a gated one (llama): SwiGLU, or GeGLU for Gemma."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -170,7 +244,11 @@ class Mlp(nnx.Module):
       h = jax.nn.gelu(h + self.bi[...].astype(dt), approximate=True)
     else:
       g = jnp.einsum("btd,df->btf", x, self.wg[...].astype(dt))
-      h = jax.nn.silu(g) * h
+      if self.cfg.mlp_act == "gelu_tanh":  # == torch's gelu(approximate="tanh").
+        g = jax.nn.gelu(g, approximate=True)
+      else:
+        g = jax.nn.silu(g)
+      h = g * h
     h = constrain(h, ("act_batch", "act_len", "act_mlp"))
     y = jnp.einsum("btf,fd->btd", h, self.wo[...].astype(dt))
     if self.cfg.style == "gpt":
@@ -179,7 +257,11 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  With `post_norms` (Gemma 2/3) each sublayer's output is normed as well
+  before it joins the residual: x + norm(attn(norm(x))).
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -187,14 +269,22 @@ class Block(nnx.Module):
     self.attn = Attention(cfg, rngs)
     self.norm2 = Norm(cfg)
     self.mlp = Mlp(cfg, rngs)
+    if cfg.post_norms:
+      self.post_attn_norm = Norm(cfg)
+      self.post_mlp_norm = Norm(cfg)
 
   def __call__(self, x, positions, mask, kv=None, cache_index=None,
-               dropout_key=None):
+               dropout_key=None, sliding=False):
     rate = self.cfg.dropout_rate
     k1 = k2 = None
     if dropout_key is not None:
       k1, k2 = jax.random.split(dropout_key)
-    h, new_kv = self.attn(self.norm1(x), positions, mask, kv, cache_index)
+    h, new_kv = self.attn(self.norm1(x), positions, mask, kv, cache_index, sliding)
+    if self.cfg.post_norms:
+      h = self.post_attn_norm(h)
     x = x + dropout(h, rate, k1)
-    x = x + dropout(self.mlp(self.norm2(x)), rate, k2)
+    m = self.mlp(self.norm2(x))
+    if self.cfg.post_norms:
+      m = self.post_mlp_norm(m)
+    x = x + dropout(m, rate, k2)
     return constrain(x, ACT), new_kv

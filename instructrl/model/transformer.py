@@ -17,13 +17,16 @@ stacked parameters): decoding compiles per layer, training still scans.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from instructrl.mesh import constrain
 from instructrl.model.config import ModelConfig
-from instructrl.model.layers import ACT, Block, Norm, dropout, make_param
+from instructrl.model.layers import ACT, Block, Norm, dropout, make_param, pick
 
 
 def _stack_blocks(cfg: ModelConfig, keys) -> Block:
@@ -38,13 +41,18 @@ def _stack_blocks(cfg: ModelConfig, keys) -> Block:
   return nnx.merge(graphdef, states)
 
 
-def attention_mask(segment_ids, cache_valid=None, cache_index=None):
+def attention_mask(segment_ids, cache_valid=None, cache_index=None, window=None):
   """Boolean attention mask [B, 1, T, S].
 
   Without a cache: causal, within the same packed segment, never to padding
   (segment 0). With a cache: causal over cache slots and never to an empty or
   padded slot. A query may always see its own slot, so padded queries get a
   well-defined (ignored) output instead of attending to nothing.
+
+  `window` (sliding-window attention): only keys fewer than `window` slots
+  back, as transformers' `sliding_window_overlay` (kv > q - window). Slots
+  count positions: a segment's tokens are contiguous, and so are a
+  left-padded row's in the cache (prompt, then one slot per new token).
   """
   t = segment_ids.shape[1]
   q_slot = jnp.arange(t)
@@ -58,6 +66,8 @@ def attention_mask(segment_ids, cache_valid=None, cache_index=None):
     ok = jnp.broadcast_to(cache_valid[:, None, :], (cache_valid.shape[0], t,
                                                     cache_valid.shape[1]))
   causal = k_slot[None, :] <= q_slot[:, None]
+  if window is not None:
+    causal = causal & (q_slot[:, None] - k_slot[None, :] < window)
   own = k_slot[None, :] == q_slot[:, None]
   return ((ok & causal[None]) | own[None])[:, None]
 
@@ -81,8 +91,9 @@ class Transformer(nnx.Module):
 
   def _block_fn(self):
     """A pure per-layer function (optionally rematerialised)."""
-    def fn(graphdef, state, x, positions, mask, kv, cache_index, key):
-      return nnx.merge(graphdef, state)(x, positions, mask, kv, cache_index, key)
+    def fn(graphdef, state, x, positions, mask, kv, cache_index, key, sliding):
+      return nnx.merge(graphdef, state)(x, positions, mask, kv, cache_index, key,
+                                        sliding)
     if self.cfg.remat_policy != "none":
       policy = getattr(jax.checkpoint_policies, self.cfg.remat_policy)
       fn = jax.checkpoint(fn, policy=policy, static_argnums=(0,))
@@ -103,11 +114,18 @@ class Transformer(nnx.Module):
     if cache is not None:
       new_valid = jax.lax.dynamic_update_slice(cache["valid"], segment_ids != 0,
                                                (0, cache_index))
-      mask = attention_mask(segment_ids, new_valid, cache_index)
+      masks = lambda w: attention_mask(segment_ids, new_valid, cache_index, w)
     else:
-      mask = attention_mask(segment_ids)
+      masks = lambda w: attention_mask(segment_ids, window=w)
+    sliding = cfg.sliding_layers
+    mask = masks(None) if not all(sliding) else None
+    local_mask = masks(cfg.sliding_window) if any(sliding) else None
+    layer_mask = lambda flag: pick(flag, local_mask, mask)
 
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    if cfg.embed_scale:  # Gemma: times sqrt(d), rounded to the weights' dtype.
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+    x = x.astype(cfg.compute_dtype)
     if cfg.style == "gpt":
       x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
     keys = None if dropout_key is None else jax.random.split(dropout_key,
@@ -121,11 +139,17 @@ class Transformer(nnx.Module):
     block = self._block_fn()
     if cfg.scan_layers and kvs is None:
       graphdef, state = nnx.split(self.layers)
+      # Mixed layer types (Gemma's local/global) ride along as a scanned
+      # per-layer flag; a uniform stack keeps a static one.
+      mixed = len(set(sliding)) > 1
+      flags = np.asarray(sliding) if mixed else None
 
       def body(h, xs):
-        layer_state, key = xs
-        return block(graphdef, layer_state, h, positions, mask, None, None, key)
-      x, _ = jax.lax.scan(body, x, (state, layer_keys))
+        layer_state, key, flag = xs
+        flag = sliding[0] if flag is None else flag
+        return block(graphdef, layer_state, h, positions, layer_mask(flag), None,
+                     None, key, flag)
+      x, _ = jax.lax.scan(body, x, (state, layer_keys, flags))
     else:
       # With a cache, scanned layers are unrolled too: under `lax.scan` the
       # cache is a scanned input and output, so every decode step copies it
@@ -140,7 +164,8 @@ class Transformer(nnx.Module):
           graphdef, state = nnx.split(self.layers[i])
         kv = None if kvs is None else {"k": kvs["k"][i], "v": kvs["v"][i]}
         key = None if layer_keys is None else layer_keys[i]
-        x, new_kv = block(graphdef, state, x, positions, mask, kv, cache_index, key)
+        x, new_kv = block(graphdef, state, x, positions, layer_mask(sliding[i]), kv,
+                          cache_index, key, sliding[i])
         outs.append(new_kv)
       new_kvs = None if kvs is None else {
           "k": tuple(o["k"] for o in outs), "v": tuple(o["v"] for o in outs)}
@@ -180,6 +205,9 @@ class LanguageModel(nnx.Module):
     else:
       w = self.lm_head[...].astype(h.dtype)
       logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    if self.cfg.final_softcap is not None:  # Gemma 2.
+      cap = self.cfg.final_softcap
+      logits = jnp.tanh(logits / cap) * cap
     return constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
 
 

@@ -1,31 +1,32 @@
-"""Hugging Face interop: GPT-2 and Llama-family checkpoints <-> instructrl.
+"""Hugging Face interop: GPT-2, Llama 2/3, Mistral, Qwen2/3 and Gemma 2/3
+checkpoints <-> instructrl (language models and reward models; docs/hf.md).
 
     pre = hf.load_pretrained("/path/to/hf_dir", mesh=mesh)   # config.json +
     logits, _ = pre.model()(tokens)                           # *.safetensors
     hf.save_pretrained("/out", pre.cfg, pre.params, hf_config=pre.hf_config)
-    vocab = hf.load_vocabulary("/path/to/hf_dir")             # seqio vocabulary
+    vocab = hf.load_vocabulary("/path/to/hf_dir")             # its tokenizer
 
 Only local directories and safetensors are read: no pickle, no downloads, and
 neither torch nor the `safetensors` package is needed (the format is parsed
 here and memory-mapped, so with a mesh each device reads only its slices).
 Exports load with `transformers.AutoModelForCausalLM.from_pretrained`.
-TensorFlow and seqio are imported only by `load_vocabulary`.
+The tokenizer (`tokenizers` or SentencePiece, with the directory's BOS, EOS
+and PAD ids) is `instructrl.data.hf_vocab`; nothing here imports TensorFlow.
 """
-from instructrl.tools.hf.convert import (Pretrained, hf_config_from_model,
-                                         hf_tensors, load_pretrained,
+from instructrl.data.hf_vocab import load as load_vocabulary
+from instructrl.tools.hf.convert import (REWARD_BIAS_KEY, Pretrained,
+                                         hf_config_from_model, hf_tensors,
+                                         load_pretrained, load_reward_model,
                                          model_config_from_hf, read_hf_config,
-                                         save_pretrained)
+                                         save_pretrained, save_reward_model)
+from instructrl.tools.hf.architectures import FAMILIES, family_for
 from instructrl.tools.hf.safetensors_io import (read_checkpoint, read_safetensors,
-                                                write_safetensors)
+                                                write_checkpoint, write_safetensors)
 
 
-def load_vocabulary(path: str):
-  """The checkpoint's tokenizer as a seqio.Vocabulary (see `hf.tokenizer`)."""
-  from instructrl.tools.hf import tokenizer  # pylint: disable=g-import-not-at-top
-  return tokenizer.load_vocabulary(path)
-
-
-__all__ = ["Pretrained", "hf_config_from_model", "hf_tensors", "load_pretrained",
-           "load_vocabulary", "model_config_from_hf", "read_checkpoint",
-           "read_hf_config", "read_safetensors", "save_pretrained",
+__all__ = ["FAMILIES", "REWARD_BIAS_KEY", "Pretrained", "family_for",
+           "hf_config_from_model", "hf_tensors", "load_pretrained",
+           "load_reward_model", "load_vocabulary", "model_config_from_hf",
+           "read_checkpoint", "read_hf_config", "read_safetensors",
+           "save_pretrained", "save_reward_model", "write_checkpoint",
            "write_safetensors"]
