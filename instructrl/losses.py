@@ -95,6 +95,35 @@ def token_logprobs(logits: Array, targets: Array) -> Array:
   return (target_logit - m)[..., 0] - log_norm
 
 
+def token_entropy(logits: Array) -> Array:
+  """Entropy of softmax(logits) at each position, in nats.
+
+    H_t = −Σ_v p_v log p_v = log Σ_v exp(z_v − m) − Σ_v p_v (z_v − m),
+    p = softmax(z), m = max_v z_v
+
+  The shift by the row max keeps both terms finite for large logits; p·(z − m)
+  is 0 where p underflows to 0, so a −inf logit contributes nothing (not NaN).
+  Float32 throughout, as `token_logprobs`.
+
+  Args:
+    logits: [..., V] floating.
+
+  Returns:
+    [...] float32 entropies, in [0, log V].
+  """
+  logits = jnp.asarray(logits)
+  if not jnp.issubdtype(logits.dtype, jnp.floating) or logits.ndim < 1:
+    raise TypeError(f"token_entropy: `logits` must be floating with a vocabulary "
+                    f"axis; got {logits.dtype} {tuple(logits.shape)}.")
+  z = logits.astype(jnp.float32)
+  m = jnp.max(z, axis=-1, keepdims=True)
+  z = z - jnp.where(jnp.isfinite(m), m, 0.0)
+  e = jnp.exp(z)
+  total = jnp.sum(e, axis=-1)
+  weighted = jnp.sum(_where0(e > 0, e * z), axis=-1)
+  return jnp.log(total) - weighted / total
+
+
 def masked_lm_loss(logits: Array, targets: Array,
                    mask: Array) -> tuple[Array, Metrics]:
   """Token-averaged cross-entropy over the masked (response) tokens.

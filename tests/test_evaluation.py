@@ -54,3 +54,67 @@ def test_the_lm_tax_is_each_models_heldout_loss_minus_the_baselines():
   report = evaluation.summarise(prompts, by_model, "sft", {"ppo": extra["ppo"]})
   assert "lm_tax_vs_sft" not in report["ppo"]
   assert "LM tax" not in evaluation.table(report)
+
+
+def _naive_bootstrap(values, resamples, seed, level=0.95):
+  """One resample at a time, and the quantiles by hand (linear interpolation)."""
+  rng = np.random.default_rng(seed)
+  means = []
+  for _ in range(resamples):
+    idx = rng.integers(0, len(values), len(values))
+    means.append(sum(values[i] for i in idx) / len(values))
+  means.sort()
+
+  def quantile(q):
+    pos = q * (resamples - 1)
+    i = int(np.floor(pos))
+    return means[i] + (pos - i) * (means[min(i + 1, resamples - 1)] - means[i])
+  return sum(values) / len(values), quantile((1 - level) / 2), quantile((1 + level) / 2)
+
+
+def test_the_bootstrap_matches_a_naive_loop():
+  outcomes = [1.0, 1.0, 0.5, 0.0, 1.0, 0.5, 0.0, 1.0, 1.0, 0.0, 0.5]
+  got = evaluation.bootstrap_means(outcomes, 2000, seed=3)
+  want = _naive_bootstrap(outcomes, 2000, seed=3)
+  np.testing.assert_allclose(got, want, rtol=1e-12)
+  assert got[0] == pytest.approx(6.5 / 11)
+  assert got[1] < got[0] < got[2]
+  assert evaluation.bootstrap_means(outcomes, 2000, seed=4) != got  # The seed counts.
+
+
+def test_ppo_ptx_vs_ppo_is_paired_with_ties_and_temperature_one_utility():
+  """PPO-ptx right on prompts 0-5, PPO on 0-2, both wrong on 6-9: 3 wins,
+  7 ties (3 both right, 4 both wrong), 0 losses; win rate (3 + 7/2) / 10
+  = 0.65; gold utility (1 right, 0 wrong) differs by 3/10 on average."""
+  prompts = world.World(world.WorldConfig(families="count", validation=10,
+                                          test=10)).prompts("prompts", "test")
+  refs = [p.reference for p in prompts]
+  ptx, ppo = refs[:6] + ["zzz"] * 4, refs[:3] + ["zzz"] * 7
+  by_model = {"sft": ["zzz"] * 10, "ppo": ppo, "ppo_ptx": ptx}
+  sampled = {"sft": refs[:1] + ["zzz"] * 9, "ppo_ptx": refs[:5] + ["zzz"] * 5}
+  report = evaluation.summarise(prompts, by_model, "sft", sampled=sampled,
+                                resamples=500, seed=1)
+  c = report["ppo_ptx"]["paired_vs_ppo"]
+  assert (c["wins"], c["ties"], c["losses"], c["n"]) == (3, 7, 0, 10)
+  assert c["rate"] == pytest.approx(0.65)
+  assert c["utility_diff"]["mean"] == pytest.approx(0.3)
+  outcomes = [0.5] * 3 + [1.0] * 3 + [0.5] * 4
+  _, lo, hi = _naive_bootstrap(outcomes, 500, seed=1)
+  assert (c["lo"], c["hi"]) == (pytest.approx(lo), pytest.approx(hi))
+  _, lo, hi = _naive_bootstrap([0.0] * 3 + [1.0] * 3 + [0.0] * 4, 500, seed=1)
+  assert (c["utility_diff"]["lo"], c["utility_diff"]["hi"]) == (
+      pytest.approx(lo), pytest.approx(hi))
+  assert "paired_vs_ppo" not in report["ppo"]
+  # Ties vs SFT counted too, and T=1 utility beside greedy where sampled.
+  w = report["ppo"]["win_rate_vs_sft"]
+  assert (w["wins"], w["ties"], w["losses"]) == (3, 7, 0)
+  assert report["sft"]["gold_utility_t1"] == pytest.approx(0.1)
+  assert report["ppo_ptx"]["gold_utility_t1"] == pytest.approx(0.5)
+  assert report["ppo_ptx"]["gold_utility"] == pytest.approx(0.6)
+  assert "gold_utility_t1" not in report["ppo"]
+  lines = evaluation.table(report).splitlines()
+  assert "W/T/L" in lines[0] and "gold u T=1" in lines[0]
+  assert "3/7/0" in lines[2] and "0.500" in lines[3]
+  assert lines[-1].startswith("ppo_ptx vs ppo, same prompts (paired bootstrap, 500")
+  assert "win 0.650" in lines[-1] and "W/T/L 3/7/0" in lines[-1]
+  assert "gold u diff +0.300" in lines[-1]

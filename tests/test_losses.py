@@ -33,6 +33,7 @@ J = types.SimpleNamespace(
     whiten=jax.jit(losses.whiten, static_argnames="shift_mean"),
     ppo_policy_loss=jax.jit(losses.ppo_policy_loss),
     value_loss=jax.jit(losses.value_loss),
+    token_entropy=jax.jit(losses.token_entropy),
 )
 
 
@@ -98,6 +99,30 @@ def test_token_logprobs_bf16_computes_in_float32():
   assert out.dtype == jnp.float32
   ref = J.token_logprobs(logits.astype(jnp.float32), targets)
   np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_token_entropy_hand_computed_stable_and_bf16():
+  # Uniform over 4: log 4. One-hot (the others -inf): 0, not NaN. Two equal
+  # logits and a -inf: log 2. A 1e4 offset changes nothing.
+  logits = np.array([[[0.0, 0.0, 0.0, 0.0], [5.0, -np.inf, -np.inf, -np.inf],
+                      [1e4 + 1.0, 1e4 + 1.0, -np.inf, 1e4 + 1.0 - 50.0]]], np.float32)
+  out = J.token_entropy(logits)
+  assert out.shape == (1, 3) and out.dtype == jnp.float32
+  np.testing.assert_allclose(out[0, :2], [math.log(4), 0.0], atol=1e-6)
+  p = np.array([1.0, 1.0, math.exp(-50.0)])
+  p /= p.sum()
+  np.testing.assert_allclose(out[0, 2], -(p * np.log(p)).sum(), atol=1e-6)
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 5, 9)) * 3
+  q = np.exp(x - x.max(-1, keepdims=True))
+  q /= q.sum(-1, keepdims=True)
+  np.testing.assert_allclose(J.token_entropy(x.astype(np.float32)),
+                             -(q * np.log(q)).sum(-1), **_TOL)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  np.testing.assert_allclose(J.token_entropy(xb),
+                             J.token_entropy(xb.astype(jnp.float32)), rtol=1e-6)
+  with pytest.raises(TypeError, match="token_entropy"):
+    losses.token_entropy(jnp.ones((2, 3), jnp.int32))
 
 
 def test_masked_lm_loss_random_vs_numpy():

@@ -15,7 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # unused `steps`/`epochs`), any real value (a penalty), or checked apart
 # (heldout_group: a labeler group or -1).
 UNBOUNDED = {("sft", "steps"), ("rm", "steps"), ("pretrain", "epochs"),
-             ("rm", "heldout_group"), ("ppo", "no_eos_penalty")}
+             ("rm", "heldout_group"), ("ppo", "missing_eos_penalty")}
 
 
 def load(variant: str = "tiny"):

@@ -2,16 +2,16 @@
 
 Models: the base model with a few-shot prompt (the paper's "GPT (prompted)"),
 SFT, PPO and PPO-ptx. Each answers every test prompt greedily; the gold judge
-compares each answer with SFT's. On device we also measure the RM score of
-the answers, the KL to SFT (on temperature-1 samples from the model) and the
-held-out pretraining-corpus loss (the alignment tax). Writes
+compares each answer with SFT's, and PPO-ptx's with PPO's (a paired
+bootstrap over prompts). On device we also measure the RM score of the
+answers, the KL to SFT and the gold utility of one temperature-1 sample per
+prompt, and the held-out pretraining-corpus loss (the alignment tax). Writes
 `eval/report.json`, `eval/samples.jsonl` and PNG plots.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import jax
@@ -20,6 +20,7 @@ import numpy as np
 
 
 from instructrl import mesh as mesh_lib
+from instructrl import paths
 from instructrl import steps
 from instructrl.eval import answers as answers_lib
 from instructrl.eval import judge
@@ -69,19 +70,18 @@ class Programs:
 
 
 def build(config, mesh, stage: str = "eval") -> Programs:
-  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
   del stage
   cfg, rm_cfg = inputs.model_config(config), inputs.rm_model_config(config)
   g_lm, abs_lm = abstract(LanguageModel, cfg)
   g_rm, _ = abstract(ScalarModel, rm_cfg)
   sh_lm = mesh_lib.param_shardings(abs_lm, mesh)
-  n = config.eval.max_new_tokens
+  n, ids = config.eval.max_new_tokens, inputs.special_ids(config)
   held = {k: lm.abstract_rows(mesh, (config.eval.batch_size, config.pretrain.seq_len),
                               dt) for k, dt in lm.LM_BATCH.items()}
   return Programs(
       cfg, rm_cfg, sh_lm,
-      greedy=make_sampler(g_lm, sh_lm, SampleConfig(n, 0.0, eos_id=EOS_ID), mesh),
-      sample=make_sampler(g_lm, sh_lm, SampleConfig(n, 1.0, eos_id=EOS_ID), mesh),
+      greedy=make_sampler(g_lm, sh_lm, SampleConfig(n, 0.0, **ids), mesh),
+      sample=make_sampler(g_lm, sh_lm, SampleConfig(n, 1.0, **ids), mesh),
       score=mesh_lib.jit(
           lambda p, s, m: rollout_lib.sequence_scores(g_rm, p, s, m), mesh),
       ref_logp=mesh_lib.jit(
@@ -90,8 +90,10 @@ def build(config, mesh, stage: str = "eval") -> Programs:
 
 
 def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
-  """Greedy answers (decoded), their RM scores, and the sampled KL to SFT."""
-  answers, scores, kls = [], [], []
+  """Greedy answers (decoded), their RM scores, the sampled KL to SFT, and
+  the temperature-1 samples (decoded): batch i samples with key i + 1, the
+  same for every model."""
+  answers, scores, kls, sampled = [], [], [], []
   it = answers_lib.prompt_batches(texts, vocab=vocab, seq_len=seq_len,
                                   batch_size=config.eval.batch_size, tag="test")
   for i, batch in enumerate(it):
@@ -106,9 +108,11 @@ def _answers(config, progs, params, texts, seq_len, mesh, rm, sft, vocab):
     kl = jnp.sum(jnp.where(smp.response_mask, smp.logp_raw - ref_lp, 0.0), axis=1)
     real = np.asarray(batch["prompt_mask"]).any(axis=1)
     answers.extend(answers_lib.decode(vocab, batch, out))
+    sampled.extend(answers_lib.decode(vocab, batch, smp))
     scores.extend(np.asarray(s)[real].tolist())
     kls.extend(np.asarray(kl)[real].tolist())
-  return answers[:len(texts)], float(np.mean(scores)), float(np.mean(kls))
+  n = len(texts)
+  return answers[:n], float(np.mean(scores)), float(np.mean(kls)), sampled[:n]
 
 
 def run(config, workdir: str, mesh, stage: str = "eval") -> dict:
@@ -127,7 +131,7 @@ def run(config, workdir: str, mesh, stage: str = "eval") -> dict:
                             ec.batch_size, config.pretrain.seq_len, config.seed,
                             infinite=False)
   prefix = _fewshot_prefix(config, ec.fewshot)
-  by_model, extra, samples = {}, {}, []
+  by_model, extra, samples, sampled = {}, {}, [], {}
   for name, source in MODELS:
     if not loop.is_done(workdir, source):
       continue
@@ -135,26 +139,28 @@ def run(config, workdir: str, mesh, stage: str = "eval") -> dict:
               inputs.load_model(workdir, source, LanguageModel, progs.cfg, mesh)[1])
     texts = [(prefix if name == "base" else "") + p.text for p in prompts]
     seq_len = ec.fewshot_prompt_len if name == "base" else config.ppo.prompt_len
-    answers, score, kl = _answers(config, progs, params, texts, seq_len, mesh, rm,
-                                  sft, vocab)
+    answers, score, kl, sampled[name] = _answers(config, progs, params, texts,
+                                                 seq_len, mesh, rm, sft, vocab)
     by_model[name] = answers
     held = loop.batch_eval(progs.lm_eval.fn, params, heldout, mesh, ec.heldout_batches)
     extra[name] = {"rm_score": score, "kl_to_sft": kl, "heldout_lm_loss": held["loss"]}
   from instructrl.data import world  # pylint: disable=g-import-not-at-top
   sign_off = world.SIGN_OFF if config.data.world.get("sign_off", 0.0) > 0 else ""
-  report = judge.summarise(prompts, by_model, "sft", extra, sign_off=sign_off)
-  out = os.path.join(workdir, "eval")
-  os.makedirs(out, exist_ok=True)
+  report = judge.summarise(prompts, by_model, "sft", extra, sign_off=sign_off,
+                           sampled=sampled, resamples=ec.bootstrap_resamples,
+                           seed=config.seed)
+  out = paths.join(workdir, "eval")
   for name, answers in by_model.items():
-    for p, a in zip(prompts, answers):
+    for p, a, t1 in zip(prompts, answers, sampled[name]):
       samples.append({"prompt": p.text, "family": p.family, "model": name,
                       "response": a, "reference": p.reference,
-                      "gold_utility": p.utility(a)})
-  with open(os.path.join(out, "samples.jsonl"), "w") as f:
-    f.writelines(json.dumps(s) + "\n" for s in samples)
-  with open(os.path.join(out, "report.json"), "w") as f:
-    json.dump(report, f, indent=1)
+                      "gold_utility": p.utility(a), "response_t1": t1,
+                      "gold_utility_t1": p.utility(t1)})
+  paths.write_atomic(paths.join(out, "samples.jsonl"),
+                     "".join(json.dumps(s) + "\n" for s in samples))
+  paths.write_atomic(paths.join(out, "report.json"), json.dumps(report, indent=1))
   from instructrl.eval import plot  # pylint: disable=g-import-not-at-top
-  plot.eval_plots(workdir, report)
+  if paths.is_local(workdir):  # plot writes PNGs with matplotlib, locally.
+    plot.eval_plots(workdir, report)
   print(judge.table(report))
   return {"stage": "eval", "report": report, "wall_s": time.monotonic() - t0}

@@ -39,7 +39,9 @@ class Programs:
   `init(ref, rm) -> state`: the policy starts as the SFT model and the value
   model as the RM, both with fresh optimizers. `rollout(frozen, state,
   prompts, key) -> (Experience, metrics)` and `learn(state, exp, ptx, rng,
-  rollout_kl) -> (state, metrics)` are `mesh_lib.Program`s.
+  rollout_kl) -> (state, metrics)` are `mesh_lib.Program`s; the rollout's
+  key and the learner's come apart from the run's `rng`
+  (`learner.iteration_keys`).
   """
   cfg: ModelConfig
   rm_cfg: ModelConfig
@@ -61,11 +63,13 @@ def learner_config(config, stage: str) -> learner.PPOConfig:
 
 
 def rollout_config(config) -> rollout_lib.RolloutConfig:
-  from instructrl.data import EOS_ID, PAD_ID  # pylint: disable=g-import-not-at-top
   sc = config.ppo
-  return rollout_lib.RolloutConfig(max_new_tokens=sc.max_new_tokens, eos_id=EOS_ID,
-                                   pad_id=PAD_ID, lam=sc.lam, gamma=1.0,
-                                   no_eos_penalty=sc.no_eos_penalty)
+  return rollout_lib.RolloutConfig(max_new_tokens=sc.max_new_tokens, lam=sc.lam,
+                                   gamma=1.0,
+                                   missing_eos_penalty=sc.missing_eos_penalty,
+                                   recompute_logp=sc.recompute_logp,
+                                   forward_rows=sc.minibatch_size,
+                                   **inputs.special_ids(config))
 
 
 def optimizers(config) -> dict:
@@ -180,8 +184,9 @@ def run(config, workdir: str, mesh, stage: str) -> dict:
   rollout, learn = p.rollout.fn, p.learn.fn
 
   def step_fn(state, batch, rng):
-    key = jax.random.fold_in(rng, state["step"])
-    exp, rm = rollout(frozen, state, {k: batch[k] for k in PROMPT_BATCH}, key)
+    # `learn` derives its own key from the run's (iteration_keys(...)[1]).
+    rollout_key = learner.iteration_keys(rng, state["step"])[0]
+    exp, rm = rollout(frozen, state, {k: batch[k] for k in PROMPT_BATCH}, rollout_key)
     ptx = {k: batch[f"ptx_{k}"] for k in PTX_KEYS} if p.ptx_coef else None
     state, metrics = learn(state, exp, ptx, rng, rm["kl"])
     return state, {**rm, **metrics}

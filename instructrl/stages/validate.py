@@ -10,6 +10,7 @@ raise `ConfigError` or `data.DataError` there.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -62,6 +63,7 @@ RULES = {
         "num_prompts": _NONNEG_INT, "batch_size": _POSITIVE_INT,
         "max_new_tokens": _POSITIVE_INT, "fewshot": _NONNEG_INT,
         "fewshot_prompt_len": _POSITIVE_INT, "heldout_batches": _NONNEG_INT,
+        "bootstrap_resamples": _POSITIVE_INT,
     },
 }
 
@@ -198,6 +200,14 @@ def check_stage(config, stage: str, mesh) -> None:
                         f"into config.ppo.minibatch_size={sc.minibatch_size}")
     _fits(config, sc.prompt_len + sc.max_new_tokens,
           "config.ppo.prompt_len + config.ppo.max_new_tokens")
+    pen = sc.get("missing_eos_penalty")
+    if pen is not None and (isinstance(pen, bool) or not isinstance(pen, (int, float))
+                            or not math.isfinite(pen)):
+      raise ConfigError(f"config.ppo.missing_eos_penalty={pen!r}: a finite reward "
+                        "for responses without EOS, or None (the RM's score)")
+    if not isinstance(sc.get("recompute_logp", False), bool):
+      raise ConfigError(f"config.ppo.recompute_logp={sc.recompute_logp!r}: "
+                        "True or False")
   if stage == "eval":
     _batch_divides(sc.batch_size, mesh, "eval.batch_size")
     # The RM scores the base model's answers after the few-shot prompt too.
