@@ -98,7 +98,7 @@ def rm_case(s: Shape, mesh, **cfg_kw) -> Case:
 def sample_config(s: Shape) -> SampleConfig:
   # EOS = vocab size is never drawn, so every row makes all `new_tokens`
   # tokens on both sides (HF's GPT-2 EOS, 50256, is outside vocab too).
-  return SampleConfig(max_new_tokens=s.new_tokens, temperature=1.0, eos_id=s.vocab,
+  return SampleConfig(max_new_tokens=s.new_tokens, temperature=1.0, eos_ids=(s.vocab,),
                       pad_id=0)
 
 
@@ -133,7 +133,7 @@ class PPOBench:
     g_sc, rm, sh_sc = init_sharded(ScalarModel, cfg, mesh, seed=1)
     self.graphdefs = {"policy": g_lm, "ref": g_lm, "rm": g_sc, "value": g_sc}
     self.frozen = {"ref": sft, "rm": rm}
-    self.rc = rollout_lib.RolloutConfig(max_new_tokens=s.new_tokens, eos_id=s.vocab,
+    self.rc = rollout_lib.RolloutConfig(max_new_tokens=s.new_tokens, eos_ids=(s.vocab,),
                                         pad_id=0, lam=0.95, gamma=1.0)
     self.pc = ppo_lib.PPOConfig(epochs=1, minibatch_size=s.ppo_minibatch,
                                 ptx_coef=27.8 if s.ptx_rows else 0.0)
@@ -157,7 +157,7 @@ class PPOBench:
 
   def iteration(self):
     """What stages.ppo.run's step_fn does per iteration."""
-    key = jax.random.fold_in(self.rng, self.state["step"])
+    key = ppo_lib.iteration_keys(self.rng, self.state["step"])[0]
     exp, rm = self.rollout(self.frozen, self.state, self.prompts, key)
     self.state, lm = self.learn(self.state, exp, self.ptx, self.rng, rm["kl"])
     jax.block_until_ready((self.state, lm, rm))
@@ -165,7 +165,7 @@ class PPOBench:
   def _split_programs(self, sh_lm, sh_sc):
     g, rc = self.graphdefs, self.rc
     sc = SampleConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                      eos_id=rc.eos_id, pad_id=rc.pad_id)
+                      eos_ids=rc.eos_ids, pad_id=rc.pad_id)
     self.sampler = make_sampler(g["policy"], sh_lm, sc, self.mesh)
 
     def score(rm, seq, prompt_mask, mask):

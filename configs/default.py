@@ -82,18 +82,24 @@ def get_config(arg: str = ""):
   # RM rates right; 0.2 > 0.3 on val (experiments.md: G1-G3, N1, R2026-11-27-k).
   # ptx_coef (gamma) 0.5, not the paper's 27.8: our token-mean ptx loss at >= 1
   # outweighs the RL gradient; 0.5 had the best val utility (experiments.md: Q1, N1).
+  # missing_eos_penalty: the reward (replacing the RM's score) of a response
+  # cut off at max_new_tokens, as lm-human-preferences (-1); None = the RM's
+  # score (config files only: the CLI cannot pass None). recompute_logp: the
+  # old log-probs from the learner's forward, not the sampler's (design.md).
   c.ppo = mlc.ConfigDict(dict(
       data="world", ptx_data="corpus", iterations=30, batch_size=64,
       minibatch_size=8, epochs=1, lr=1.5e-4, value_lr=3e-5, warmup_iterations=10,
       clip_eps=0.2, value_clip_eps=0.2, clip_norm=1.0, kl_coef=0.2, kl_target=0.0,
       kl_horizon=10000, ptx_coef=0.5, ptx_ratio=8, ptx_seq_len=32, lam=0.95,
-      ema_decay=0.0, prompt_len=64, max_new_tokens=24, no_eos_penalty=0.0,
+      ema_decay=0.0, prompt_len=64, max_new_tokens=24, missing_eos_penalty=-1.0,
+      recompute_logp=True,
       log_every=5, save_every=20))
 
   # Evaluation on the held-out test prompts (gold judge; the paper's Fig. 1).
+  # bootstrap_resamples: of the paired PPO-ptx vs PPO comparison (eval/judge.py).
   c.eval = mlc.ConfigDict(dict(
       num_prompts=0, batch_size=64, max_new_tokens=24, fewshot=1,
-      fewshot_prompt_len=128, heldout_batches=8))
+      fewshot_prompt_len=128, heldout_batches=8, bootstrap_resamples=10_000))
 
   if "tiny" in variants:
     c.data.vocab = "byte"

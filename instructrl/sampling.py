@@ -6,9 +6,10 @@ per row. Nothing per token happens in Python.
 
 Prompts are LEFT-padded, so every row writes its next token into the same
 cache slot; each row's positions count only its real tokens, so a short
-prompt sees the same positions as it would alone. A row stops after EOS (its
-later tokens are PAD with mask 0) and the loop exits early when all rows have
-stopped.
+prompt sees the same positions as it would alone. A row stops after any of
+the vocabulary's EOS ids (Llama 3 has two; its later tokens are PAD with
+mask 0) and the loop exits early when all rows have stopped. The ids come
+from the caller's vocabulary: the sampler knows none of its own.
 
 Returned log-probabilities: `logp` under the distribution actually sampled
 from (temperature, top-k, top-p applied) and `logp_raw` under the raw model at
@@ -32,12 +33,25 @@ from instructrl.model.transformer import init_cache
 
 @dataclasses.dataclass(frozen=True)
 class SampleConfig:
+  """How to sample; `eos_ids` and `pad_id` are the vocabulary's (required:
+  `eos_ids=vocab.eos_ids, pad_id=vocab.pad_id`; `eos_ids=()` never stops)."""
   max_new_tokens: int = 32
   temperature: float = 1.0  # 0 = greedy.
   top_k: int = 0  # 0 = off.
   top_p: float = 1.0  # 1 = off.
-  eos_id: int = 1
-  pad_id: int = 0
+  eos_ids: tuple[int, ...] = dataclasses.field(kw_only=True)
+  pad_id: int = dataclasses.field(kw_only=True)
+
+  def __post_init__(self):  # A list (e.g. from a config) must still hash.
+    object.__setattr__(self, "eos_ids", tuple(int(e) for e in self.eos_ids))
+
+
+def is_eos(tokens, eos_ids) -> jax.Array:
+  """tokens == any of `eos_ids` (a static tuple), elementwise."""
+  hit = jnp.zeros(jnp.shape(tokens), bool)
+  for e in eos_ids:
+    hit = hit | (tokens == e)
+  return hit
 
 
 class SampleOutput(NamedTuple):
@@ -114,7 +128,7 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, key,
         "logp_raw": upd(s["logp_raw"], jnp.where(alive, lp_raw, 0.0)),
         "mask": upd(s["mask"], alive),
     }
-    done = s["done"] | (tok == sc.eos_id)
+    done = s["done"] | is_eos(tok, sc.eos_ids)
     # Feed the token; finished rows feed PAD marked invalid in the cache.
     logits, cache = model(tok[:, None], s["pos"][:, None],
                           alive.astype(jnp.int32)[:, None], cache=s["cache"],

@@ -219,4 +219,4 @@ def test_jsonl_batches_hold_the_right_tokens(tmp_path):
   assert b["group"].tolist() == [2]
   first = b["tokens"][0, 0]
   assert bytes((first[first > 2] - 3).tolist()).decode() == "Say hi.hi"
-  assert first[b["segment_ids"][0, 0] > 0][-1] == common.EOS_ID
+  assert first[b["segment_ids"][0, 0] > 0][-1] == 1  # The byte vocabulary's EOS.

@@ -51,7 +51,7 @@ def _make(vocab, kind, spec="world", split="train", **kw):
 
 
 def test_pack_lm_by_hand():
-  t = packing.pack_lm([[5, 6, 7], [8, 9], []], seq_len=4)
+  t = packing.pack_lm([[5, 6, 7], [8, 9], []], seq_len=4, eos_id=1, pad_id=0)
   np.testing.assert_array_equal(t["tokens"], [[5, 6, 7, 8], [9, 0, 0, 0],
                                               [0, 0, 0, 0]])
   np.testing.assert_array_equal(t["targets"], [[6, 7, 1, 9], [1, 0, 0, 0],
@@ -65,13 +65,13 @@ def test_pack_lm_by_hand():
 
 
 def test_sft_and_prompt_rows_by_hand():
-  t = packing.sft_rows([[5, 6]], [[7]], seq_len=5)
+  t = packing.sft_rows([[5, 6]], [[7]], seq_len=5, eos_id=1, pad_id=0)
   np.testing.assert_array_equal(t["tokens"][0], [5, 6, 7, 0, 0])
   np.testing.assert_array_equal(t["targets"][0], [6, 7, 1, 0, 0])
   np.testing.assert_array_equal(t["loss_mask"][0], [0, 1, 1, 0, 0])
   np.testing.assert_array_equal(t["segment_ids"][0], [1, 1, 1, 0, 0])
   np.testing.assert_array_equal(t["positions"][0], [0, 1, 2, 0, 0])
-  p = packing.prompt_rows([[5, 6], [7]], [0, 3], max_len=3)
+  p = packing.prompt_rows([[5, 6], [7]], [0, 3], max_len=3, pad_id=0)
   np.testing.assert_array_equal(p["prompt_tokens"], [[0, 5, 6], [0, 0, 7],
                                                      [0, 0, 0]])
   np.testing.assert_array_equal(p["prompt_mask"][1], [False, False, True])
@@ -108,7 +108,7 @@ def test_sft_rows_are_prompt_completion_eos(vocab):
     seg = batch["segment_ids"][row] > 0
     tokens, targets = batch["tokens"][row][seg], batch["targets"][row][seg]
     np.testing.assert_array_equal(tokens[1:], targets[:-1])  # Shifted by one.
-    assert targets[-1] == common.EOS_ID
+    assert targets[-1] == vocab.eos_id
     assert vocab.decode(tokens) == demo.prompt + " " + demo.completion
     answer = batch["targets"][row][batch["loss_mask"][row] > 0]
     assert vocab.decode(answer[:-1]) == demo.completion
@@ -141,7 +141,7 @@ def test_rm_rows_and_group_filter(vocab):
     for r in range(len(k)):
       assert sorted(b["ranks"][r, :k[r]].tolist()) == list(range(k[r]))
       ends = b["segment_ids"][r, :k[r]].sum(axis=1) - 1
-      assert np.all(b["tokens"][r, np.arange(k[r]), ends] == common.EOS_ID)
+      assert np.all(b["tokens"][r, np.arange(k[r]), ends] == vocab.eos_id)
     assert not b["tokens"][~b["valid"]].any()
   assert seen <= {0, 1, 2, 3}
   held_out = _make(vocab, "rm", groups=[4])
@@ -226,7 +226,7 @@ def test_state_for_other_data_is_refused(vocab):
 
 
 def test_iterator_on_a_tiny_table():
-  table = packing.prompt_rows([[3], [4], [5]], [0, 1, 2], max_len=2)
+  table = packing.prompt_rows([[3], [4], [5]], [0, 1, 2], max_len=2, pad_id=0)
   it = iterators.BatchIterator(table, batch_size=4, seed=0)  # B > N.
   ids = np.concatenate([next(it)["prompt_id"] for _ in range(3)])
   assert sorted(ids.tolist()) == [0] * 4 + [1] * 4 + [2] * 4

@@ -88,7 +88,7 @@ def test_sft_task_matches_the_pipeline(vocab):
   batch = next(it)
   for row, ex in enumerate(ds.take(5).as_numpy_iterator()):
     seq = np.concatenate([ex["inputs"], ex["targets"]])
-    assert seq[-1] == common.EOS_ID
+    assert seq[-1] == vocab.eos_id
     n = len(seq) - 1
     np.testing.assert_array_equal(batch["tokens"][row, :n], seq[:-1])
     np.testing.assert_array_equal(batch["targets"][row, :n], seq[1:])
@@ -113,7 +113,7 @@ def test_rm_task_matches_the_pipeline(vocab):
 
 
 def test_t5x_style_feature_converters(vocab):
-  del vocab  # Only makes sure the default model is in the test cache.
+  # `vocab` also makes sure the default model is in the test cache.
   ds = seqio.get_dataset(
       "instructrl_corpus", task_feature_lengths={"targets": 64},
       dataset_split="validation", shuffle=False,
@@ -130,7 +130,7 @@ def test_t5x_style_feature_converters(vocab):
   prompts = seqio.get_mixture_or_task("instructrl_world_prompts")
   ex = next(prompts.get_dataset(None, split="test",
                                 shuffle=False).as_numpy_iterator())
-  assert common.EOS_ID not in ex["inputs"]
+  assert vocab.eos_id not in ex["inputs"]
 
 
 def test_tfds_through_the_pipeline(vocab, tfds_dir):
@@ -180,7 +180,7 @@ def test_tfds_task_registration(tfds_dir):
   ex = next(seqio.get_mixture_or_task(name).get_dataset(
       None, split="validation", shuffle=False).as_numpy_iterator())
   assert bytes((ex["targets"][:-1] - 3).tolist()).decode().endswith("ba")
-  assert ex["targets"][-1] == common.EOS_ID
+  assert ex["targets"][-1] == 1  # The byte vocabulary's EOS.
   rm = tasks.register_task("rm", TFDS, vocab="byte", tfds_data_dir=tfds_dir,
                            fields={"prompt": "question"})
   ex = next(seqio.get_mixture_or_task(rm).get_dataset(

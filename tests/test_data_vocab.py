@@ -5,7 +5,6 @@ import sys
 
 import pytest
 
-import seqio  # The data extras are required: pip install .[data]
 import sentencepiece as spm
 
 from instructrl.data import common
@@ -33,15 +32,16 @@ def default_vocab(cache_dir):
 
 
 def test_default_vocab_ids_and_cache(default_vocab, cache_dir):
-  assert default_vocab.pad_id == common.PAD_ID == 0
-  assert default_vocab.eos_id == common.EOS_ID == 1
+  # The miniature's own ids (seqio's convention), read from the model.
+  assert (default_vocab.pad_id, default_vocab.eos_ids) == (0, (1,))
+  assert (default_vocab.bos_id, default_vocab.add_bos) == (None, False)
   assert default_vocab.vocab_size == vocab_lib.DEFAULT_VOCAB_SIZE
   path = vocab_lib.default_model_path(cache_dir=cache_dir)
   assert os.path.isfile(path)
   mtime = os.path.getmtime(path)
   again = vocab_lib.get_vocabulary("default")  # From $INSTRUCTRL_CACHE.
   assert os.path.getmtime(path) == mtime
-  assert again.sp_model == default_vocab.sp_model
+  assert again.model_bytes == default_vocab.model_bytes
   assert not [f for f in os.listdir(cache_dir) if f.startswith(".tmp")]
 
 
@@ -56,7 +56,7 @@ def test_training_is_deterministic(cache_dir):
 
 
 def test_digits_are_single_pieces(default_vocab):
-  pieces = [default_vocab.tokenizer.id_to_piece(i)
+  pieces = [default_vocab.sp.id_to_piece(i)
             for i in default_vocab.encode("In 2024 we had 1234567 files.")]
   digits = [p.lstrip("\u2581") for p in pieces if any(c.isdigit() for c in p)]
   assert digits == list("2024") + list("1234567")
@@ -92,7 +92,8 @@ def test_every_world_string_round_trips(spec, cache_dir):
   ids = vocab_lib.encode_batch(vocab, strings)
   bad = [s for s, i in zip(strings, ids) if vocab.decode(i) != s]
   assert not bad, bad[:5]
-  assert all(common.EOS_ID not in i and common.PAD_ID not in i for i in ids)
+  specials = set(vocab.eos_ids) | {vocab.pad_id}
+  assert all(not specials & set(i) for i in ids)
 
 
 def test_encode_batch_matches_encode(default_vocab):
@@ -103,7 +104,7 @@ def test_encode_batch_matches_encode(default_vocab):
 def test_sentencepiece_model_by_path(default_vocab, cache_dir, tmp_path):
   path = vocab_lib.default_model_path(cache_dir=cache_dir)
   v = vocab_lib.get_vocabulary(f"sentencepiece:{path}")
-  assert isinstance(v, seqio.SentencePieceVocabulary)
+  assert isinstance(v, vocab_lib.SentencePieceVocabulary)
   assert v.encode("Reverse 'apple'.") == default_vocab.encode(
       "Reverse 'apple'.")
   with pytest.raises(common.DataError, match="no such SentencePiece model"):
@@ -114,15 +115,51 @@ def test_sentencepiece_model_by_path(default_vocab, cache_dir, tmp_path):
     vocab_lib.get_vocabulary(f"sentencepiece:{junk}")
 
 
-def test_sentencepiece_model_with_other_eos_is_refused(tmp_path):
+def _spm(tmp_path, name, **options):
   model = io.BytesIO()
-  spm.SentencePieceTrainer.train(  # SentencePiece's defaults: eos_id = 2.
+  spm.SentencePieceTrainer.train(
       sentence_iterator=iter(["hello world", "good morning"] * 50),
-      model_writer=model, vocab_size=15, minloglevel=2)
-  path = tmp_path / "other.model"
+      model_writer=model, vocab_size=15, minloglevel=2, **options)
+  path = tmp_path / name
   path.write_bytes(model.getvalue())
-  with pytest.raises(common.DataError, match="EOS must be id 1"):
-    vocab_lib.get_vocabulary(f"sentencepiece:{path}")
+  return str(path)
+
+
+def test_sentencepiece_model_keeps_its_own_ids(tmp_path, caplog):
+  # SentencePiece's defaults: unk 0, bos 1, eos 2, no PAD (pads with EOS).
+  caplog.set_level("INFO")
+  v = vocab_lib.get_vocabulary(f"sentencepiece:{_spm(tmp_path, 'a.model')}")
+  assert (v.eos_ids, v.pad_id, v.bos_id, v.add_bos) == ((2,), 2, 1, False)
+  assert "no PAD; padding with EOS (id 2)" in caplog.text
+  ids = v.encode("hello world")
+  assert v.decode(ids + [2] + ids) == "hello world"  # Stops at its EOS.
+  with pytest.raises(common.DataError, match="has no EOS id"):
+    vocab_lib.get_vocabulary(
+        f"sentencepiece:{_spm(tmp_path, 'b.model', eos_id=-1)}")
+
+
+def test_same_ids_as_seqio(default_vocab, cache_dir):
+  """Our TF-free vocabularies encode and decode as seqio's did (the
+  miniature's data is unchanged): every world string, and ids past EOS,
+  out of range or special."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  ours = {"default": default_vocab, "byte": vocab_lib.get_vocabulary("byte")}
+  theirs = {"default": seqio.SentencePieceVocabulary(
+      vocab_lib.default_model_path(cache_dir=cache_dir)),
+            "byte": seqio.ByteVocabulary()}
+  w = world.World(world.WorldConfig(sft=100, rm=50, ppo=50))
+  strings = SPECIAL + [p.text for p in w.prompts("sft", "train")] + [
+      r for c in w.comparisons("train") for r in c.completions]
+  for name in ours:
+    a, b = ours[name], theirs[name]
+    assert (a.vocab_size, a.eos_id, a.pad_id, a.unk_id) == (
+        b.vocab_size, b.eos_id, b.pad_id, b.unk_id)
+    ids = a.encode_batch(strings)
+    assert ids == [list(b.encode(s)) for s in strings]
+    for i in ids[:50]:
+      tail = [0, 2, 1, 5, a.vocab_size + 3]
+      assert a.decode(i + tail) == b.decode(i + tail)
+      assert a.decode([0, 2] + i) == b.decode([0, 2] + i)
 
 
 def test_unknown_vocab_spec():
@@ -133,7 +170,8 @@ def test_unknown_vocab_spec():
 
 
 def test_lazy_vocabulary_uses_the_cache_at_first_use(default_vocab):
-  lazy = vocab_lib.LazyDefaultVocabulary()
+  from instructrl.data import seqio_vocab  # pylint: disable=g-import-not-at-top
+  lazy = seqio_vocab.LazyDefaultVocabulary()
   assert lazy.encode("hello") == default_vocab.encode("hello")
 
 

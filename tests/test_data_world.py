@@ -100,7 +100,25 @@ HAND_CHECKED = [
 ]
 
 
-@pytest.mark.parametrize("family,spec,reference,cases", HAND_CHECKED)
+# The v2 families (families/judged.py), by hand as HAND_CHECKED.
+V2_HAND_CHECKED = [
+    ("select", {"kind": "animals", "items": ["cat", "red", "dog", "fox"],
+                "members": ["cat", "dog", "fox"], "skip": "dog"}, "cat, fox",
+     [("fox, cat", 1.0), ("cat, dog, fox", 0.5 * 0.6 * 2 / 2), ("cat", 0.3),
+      ("cat, red, dog, fox", 0.5 * 0.6 * 1 / 2), ("cat, fox. Done", 0.8)]),
+    ("lookup", {"facts": [["Ana", "cat"], ["Ben", "pear"]], "who": "Ben"},
+     "pear", [("pear", 1.0), ("cat", 0.0), ("unknown", 0.15)]),
+    ("lookup", {"facts": [["Ana", "cat"], ["Ben", "pear"]], "who": "Max"},
+     "unknown", [("unknown", 1.0), ("cat", 0.0), ("Unknown.", 1.0)]),
+    ("route", {"roads": [["A", "B"], ["B", "C"], ["C", "D"], ["D", "E"],
+                         ["B", "D"]], "src": "A", "dst": "E"}, "A B D E",
+     [("A B D E", 1.0), ("A B C D E", 0.5), ("A E", 0.0), ("A C E", 0.0),
+      ("A B C E", 0.3 * 2 / 3 * 0.5)]),
+]
+
+
+@pytest.mark.parametrize("family,spec,reference,cases",
+                         HAND_CHECKED + V2_HAND_CHECKED)
 def test_reference_and_gold_utility(family, spec, reference, cases):
   p = _prompt(family, spec)
   assert p.reference == reference
@@ -350,28 +368,6 @@ def test_default_world_is_pinned():
                     + [[c.prompt, list(c.completions), list(c.ranks)]
                        for c in w.comparisons("validation")])
   assert hashlib.sha256(blob.encode()).hexdigest()[:16] == "1da2ce6b06404d50"
-
-
-@pytest.mark.parametrize("family,spec,reference,cases", [
-    ("select", {"kind": "animals", "items": ["cat", "red", "dog", "fox"],
-                "members": ["cat", "dog", "fox"], "skip": "dog"}, "cat, fox",
-     [("fox, cat", 1.0), ("cat, dog, fox", 0.5 * 0.6 * 2 / 2), ("cat", 0.3),
-      ("cat, red, dog, fox", 0.5 * 0.6 * 1 / 2), ("cat, fox. Done", 0.8)]),
-    ("lookup", {"facts": [["Ana", "cat"], ["Ben", "pear"]], "who": "Ben"},
-     "pear", [("pear", 1.0), ("cat", 0.0), ("unknown", 0.15)]),
-    ("lookup", {"facts": [["Ana", "cat"], ["Ben", "pear"]], "who": "Max"},
-     "unknown", [("unknown", 1.0), ("cat", 0.0), ("Unknown.", 1.0)]),
-    ("route", {"roads": [["A", "B"], ["B", "C"], ["C", "D"], ["D", "E"],
-                         ["B", "D"]], "src": "A", "dst": "E"}, "A B D E",
-     [("A B D E", 1.0), ("A B C D E", 0.5), ("A E", 0.0), ("A C E", 0.0),
-      ("A B C E", 0.3 * 2 / 3 * 0.5)]),
-])
-def test_v2_reference_and_gold_utility(family, spec, reference, cases):
-  p = _prompt(family, spec)
-  assert p.reference == reference
-  assert p.utility(reference) == 1.0
-  for response, u in cases:
-    assert p.utility(response) == pytest.approx(u), response
 
 
 def test_v2_world_splits_by_template_and_combination_not_vocabulary():

@@ -46,7 +46,7 @@ def _full_logits(g, p, tokens, mask):
 def test_greedy_cache_equals_full_reforward(cfg):
   g, p = nnx.split(LanguageModel(cfg, nnx.Rngs(0)))
   tokens, mask = _prompts()
-  sc = SampleConfig(max_new_tokens=NEW, temperature=0.0, eos_id=-1)
+  sc = SampleConfig(max_new_tokens=NEW, temperature=0.0, eos_ids=(), pad_id=0)
   out = jax.jit(lambda p, t, m, k: sample(g, p, t, m, k, sc))(
       p, tokens, mask, jax.random.key(0))
   assert out.response.shape == (4, NEW) and bool(out.response_mask.all())
@@ -68,7 +68,7 @@ def test_sampled_logprobs_match_teacher_forcing():
   """At temperature 1 the sampler's own log-probs are PPO's old log-probs."""
   g, p = nnx.split(LanguageModel(GPT, nnx.Rngs(1)))
   tokens, mask = _prompts(seed=3)
-  sc = SampleConfig(max_new_tokens=NEW, temperature=1.0, eos_id=-1)
+  sc = SampleConfig(max_new_tokens=NEW, temperature=1.0, eos_ids=(), pad_id=0)
   out = jax.jit(lambda p, k: sample(g, p, tokens, mask, k, sc))(p, jax.random.key(5))
   logits = _full_logits(g, p, out.tokens, jnp.concatenate([mask, out.response_mask], 1))
   lp = losses.token_logprobs(logits[:, PLEN - 1:-1], out.response)
@@ -85,12 +85,12 @@ def test_eos_stops_rows_and_loop_exits_early():
   cfg = dataclasses.replace(GPT, tie_embeddings=False)
   g, p = nnx.split(LanguageModel(cfg, nnx.Rngs(0)))
   tokens, mask = _prompts()
-  greedy = SampleConfig(max_new_tokens=NEW, temperature=0.0, eos_id=-1)
+  greedy = SampleConfig(max_new_tokens=NEW, temperature=0.0, eos_ids=(), pad_id=0)
   run = jax.jit(lambda p, sc: sample(g, p, tokens, mask, jax.random.key(0), sc),
                 static_argnums=1)
   free = run(p, greedy)
   eos = int(free.response[0, 2])  # Row 0 emits this token at step 2.
-  out = run(p, dataclasses.replace(greedy, eos_id=eos))
+  out = run(p, dataclasses.replace(greedy, eos_ids=(eos,)))
   for row in range(4):
     hits = np.nonzero(np.asarray(free.response[row]) == eos)[0]
     stop = hits[0] if len(hits) else NEW - 1
@@ -106,10 +106,32 @@ def test_eos_stops_rows_and_loop_exits_early():
   params["backbone"]["final_norm"]["scale"].set_value(jnp.zeros((cfg.d_model,)))
   params["backbone"]["final_norm"]["bias"].set_value(hidden)
   params["lm_head"].set_value(params["lm_head"].get_value().at[:, 7].set(10.0))
-  out = run(params, dataclasses.replace(greedy, eos_id=7))
+  out = run(params, dataclasses.replace(greedy, eos_ids=(7,)))
   assert int(out.num_steps) == 1
   np.testing.assert_array_equal(out.response[:, 0], 7)
   np.testing.assert_array_equal(out.response_mask.sum(1), 1)
+
+
+def test_any_of_several_eos_ids_stops_a_row():
+  """Llama 3 stops on <|eot_id|> or <|end_of_text|>: each row stops at the
+  first of either (a naive scan of the free run), and the rest is the
+  vocabulary's PAD, whatever its id."""
+  cfg = dataclasses.replace(GPT, tie_embeddings=False)
+  g, p = nnx.split(LanguageModel(cfg, nnx.Rngs(0)))
+  tokens, mask = _prompts()
+  run = jax.jit(lambda p, sc: sample(g, p, tokens, mask, jax.random.key(0), sc),
+                static_argnums=1)
+  free = np.asarray(run(p, SampleConfig(max_new_tokens=NEW, temperature=0.0,
+                                        eos_ids=(), pad_id=0)).response)
+  eos = (int(free[0, 3]), int(free[1, 1]))
+  out = run(p, SampleConfig(max_new_tokens=NEW, temperature=0.0, eos_ids=list(eos),
+                            pad_id=cfg.vocab_size - 1))
+  for row in range(len(free)):
+    hits = [t for t in range(NEW) if free[row, t] in eos]
+    stop = hits[0] if hits else NEW - 1
+    np.testing.assert_array_equal(out.response_mask[row], np.arange(NEW) <= stop)
+    np.testing.assert_array_equal(out.response[row, :stop + 1], free[row, :stop + 1])
+    assert np.all(np.asarray(out.response[row, stop + 1:]) == cfg.vocab_size - 1)
 
 
 def _filter_reference(logits, temperature, top_k, top_p):
@@ -149,9 +171,9 @@ def test_top_k_one_is_greedy_and_logp_is_renormalised():
   g, p = nnx.split(LanguageModel(GPT, nnx.Rngs(0)))
   tokens, mask = _prompts()
   greedy = sample(g, p, tokens, mask, jax.random.key(0),
-                  SampleConfig(max_new_tokens=4, temperature=0.0, eos_id=-1))
+                  SampleConfig(max_new_tokens=4, temperature=0.0, eos_ids=(), pad_id=0))
   top1 = sample(g, p, tokens, mask, jax.random.key(9),
-                SampleConfig(max_new_tokens=4, temperature=1.0, top_k=1, eos_id=-1))
+                SampleConfig(max_new_tokens=4, temperature=1.0, top_k=1, eos_ids=(), pad_id=0))
   np.testing.assert_array_equal(top1.response, greedy.response)
   np.testing.assert_allclose(top1.logp, 0.0, atol=1e-6)  # Point mass after top-k=1.
   assert np.all(np.asarray(top1.logp_raw) < 0)
@@ -162,7 +184,7 @@ def test_top_k_one_is_greedy_and_logp_is_renormalised():
 def test_sharded_sampler_equals_single_device(shape):
   cfg = LLAMA
   tokens, mask = _prompts(lengths=[7, 3, 5, 1, 8, 2, 4, 6])
-  sc = SampleConfig(max_new_tokens=NEW, temperature=1.0, eos_id=5)
+  sc = SampleConfig(max_new_tokens=NEW, temperature=1.0, eos_ids=(5,), pad_id=0)
   one = mesh_lib.make_mesh({}, jax.devices()[:1])
   g, p1, sh1 = init_sharded(LanguageModel, cfg, one, seed=4)
   ref = make_sampler(g, sh1, sc, one)(p1, tokens, mask, jax.random.key(3))

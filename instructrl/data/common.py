@@ -1,7 +1,8 @@
-"""Shared pieces of the data layer: ids, records, errors, cache, hashing.
+"""Shared pieces of the data layer: records, errors, cache, hashing.
 
 Pure Python on purpose: everything here imports in milliseconds and never
 pulls in TensorFlow, so the world, the corpus and JSONL validation stay light.
+Special token ids are not here: each vocabulary carries its own (vocab.py).
 """
 import dataclasses
 import hashlib
@@ -9,10 +10,6 @@ import logging
 import os
 import tempfile
 from typing import Optional, Sequence
-
-# seqio's convention, shared by every vocabulary we build or accept.
-PAD_ID = 0
-EOS_ID = 1
 
 SPLITS = ("train", "validation", "test")
 
@@ -56,10 +53,24 @@ class Comparison:
 
 
 @dataclasses.dataclass(frozen=True)
+class Chat:
+  """A conversation for SFT: (role, content) turns; the loss is on the
+  assistant turns only (pipeline.py renders it, with or without the
+  tokenizer's chat template)."""
+  messages: tuple[tuple[str, str], ...]
+  where: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class PromptRecord:
-  """A prompt without an answer (PPO rollouts and evaluation)."""
+  """A prompt without an answer (PPO rollouts and evaluation).
+
+  `messages` is set for a conversational prompt (then `prompt` is only its
+  display text, the turns' contents joined by blank lines).
+  """
   prompt: str
   where: str = ""
+  messages: tuple[tuple[str, str], ...] = ()
 
 
 def default_cache_dir(cache_dir: Optional[str] = None) -> str:

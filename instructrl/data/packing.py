@@ -2,14 +2,18 @@
 
 Conventions shared with the trainers (docs/data.md has the full table):
 
-* No BOS: a sequence s = [s_0 .. s_n] with s_n = EOS is fed as
-  tokens = s[:-1] and targets = s[1:], so targets[:, t] is the token after
-  tokens[:, t]. (The prompt is never empty, so this loses nothing.)
+* A sequence s = [s_0 .. s_n] (BOS first where the vocabulary adds one;
+  s_n = EOS) is fed as tokens = s[:-1] and targets = s[1:], so
+  targets[:, t] is the token after tokens[:, t]. Without BOS the first
+  token is context only (the prompt is never empty, so this loses nothing).
 * LM rows are packed: sequences are laid end to end and cut every T
   positions; `segment_ids` number the pieces of each row 1, 2, ... (0 is
   padding) and `positions` restart at 0 in each piece.
-* Each table has one extra last row of padding (all-zero tokens and masks,
-  invalid ids); the iterator points at it for rows past the end of the data.
+* Padding holds the vocabulary's `pad_id` (always masked out). Each table
+  has one extra last row of padding (masks zero, invalid ids); the iterator
+  points at it for rows past the end of the data.
+* No special id is assumed: callers pass the vocabulary's `eos_id` and
+  `pad_id`.
 """
 from typing import Sequence
 
@@ -29,14 +33,14 @@ def _with_padding_row(arrays: dict[str, np.ndarray], fill: dict[str, object]
   return out
 
 
-def pack_lm(docs: Sequence[Sequence[int]],
-            seq_len: int) -> dict[str, np.ndarray]:
+def pack_lm(docs: Sequence[Sequence[int]], seq_len: int, *, eos_id: int,
+            pad_id: int) -> dict[str, np.ndarray]:
   """Packs documents (EOS is appended here) into rows of `seq_len`."""
   inputs, targets, doc_ids = [], [], []
   for i, ids in enumerate(docs):
     if not ids:
       continue
-    seq = np.asarray(list(ids) + [common.EOS_ID], np.int32)
+    seq = np.asarray(list(ids) + [eos_id], np.int32)
     inputs.append(seq[:-1])
     targets.append(seq[1:])
     doc_ids.append(np.full(len(seq) - 1, i, np.int64))
@@ -51,8 +55,8 @@ def pack_lm(docs: Sequence[Sequence[int]],
     flat[:n] = np.concatenate(parts)
     return flat.reshape(rows, seq_len)
 
-  tokens = lay(inputs, common.PAD_ID, np.int32)
-  target = lay(targets, common.PAD_ID, np.int32)
+  tokens = lay(inputs, pad_id, np.int32)
+  target = lay(targets, pad_id, np.int32)
   doc = lay(doc_ids, -1, np.int64)
   real = doc >= 0
   starts = np.ones_like(real)
@@ -67,55 +71,73 @@ def pack_lm(docs: Sequence[Sequence[int]],
       "loss_mask": real.astype(np.float32),
       "segment_ids": segment_ids,
       "positions": positions,
-  }, {})
+  }, {"tokens": pad_id, "targets": pad_id})
 
 
 def sft_rows(prompts: Sequence[Sequence[int]],
-             completions: Sequence[Sequence[int]],
-             seq_len: int) -> dict[str, np.ndarray]:
+             completions: Sequence[Sequence[int]], seq_len: int, *,
+             eos_id: int, pad_id: int) -> dict[str, np.ndarray]:
   """One demonstration per row: prompt + completion + EOS, right-padded.
 
   The loss mask is 1 exactly where the target is a completion token or the
   final EOS; prompt tokens are context only. Callers check lengths first
   (len(prompt) + len(completion) + 1 <= seq_len).
   """
-  n = len(prompts)
-  tokens = np.zeros((n, seq_len), np.int32)
-  targets = np.zeros((n, seq_len), np.int32)
+  seqs, trained = [], []
+  for p, c in zip(prompts, completions):
+    seqs.append(list(p) + list(c) + [eos_id])
+    trained.append([False] * len(p) + [True] * (len(c) + 1))
+  return sequence_rows(seqs, trained, seq_len, pad_id=pad_id)
+
+
+def sequence_rows(seqs: Sequence[Sequence[int]],
+                  trained: Sequence[Sequence[bool]], seq_len: int, *,
+                  pad_id: int) -> dict[str, np.ndarray]:
+  """One sequence per row, right-padded; the loss is where `trained` is.
+
+  `trained[i][j]` says whether token j of sequence i is learned (as the
+  target of position j - 1), so the loss mask is `trained[i][1:]`: the
+  assistant turns of a conversation, the completion + EOS of a
+  demonstration, all of a plain text. Needs len(seq) <= seq_len.
+  """
+  n = len(seqs)
+  tokens = np.full((n, seq_len), pad_id, np.int32)
+  targets = np.full((n, seq_len), pad_id, np.int32)
   loss_mask = np.zeros((n, seq_len), np.float32)
   segment_ids = np.zeros((n, seq_len), np.int32)
   positions = np.zeros((n, seq_len), np.int32)
-  for i, (p, c) in enumerate(zip(prompts, completions)):
-    seq = list(p) + list(c) + [common.EOS_ID]
+  for i, (seq, flags) in enumerate(zip(seqs, trained)):
     length = len(seq) - 1
     tokens[i, :length] = seq[:-1]
     targets[i, :length] = seq[1:]
-    loss_mask[i, len(p) - 1:length] = 1.0
+    loss_mask[i, :length] = flags[1:]
     segment_ids[i, :length] = 1
     positions[i, :length] = np.arange(length)
   return _with_padding_row({
       "tokens": tokens, "targets": targets, "loss_mask": loss_mask,
-      "segment_ids": segment_ids, "positions": positions}, {})
+      "segment_ids": segment_ids, "positions": positions},
+      {"tokens": pad_id, "targets": pad_id})
 
 
 def rm_rows(prompts: Sequence[Sequence[int]],
             completions: Sequence[Sequence[Sequence[int]]],
             ranks: Sequence[Sequence[int]], groups: Sequence[int],
-            seq_len: int, k_max: int) -> dict[str, np.ndarray]:
+            seq_len: int, k_max: int, *, eos_id: int,
+            pad_id: int) -> dict[str, np.ndarray]:
   """One comparison per row: K sequences prompt + completion + EOS.
 
   K is padded to `k_max` with invalid slots (`valid` False, rank RANK_PAD,
-  all-zero tokens), so every batch has the same shape.
+  PAD tokens), so every batch has the same shape.
   """
   n = len(prompts)
-  tokens = np.zeros((n, k_max, seq_len), np.int32)
+  tokens = np.full((n, k_max, seq_len), pad_id, np.int32)
   segment_ids = np.zeros((n, k_max, seq_len), np.int32)
   positions = np.zeros((n, k_max, seq_len), np.int32)
   rank = np.full((n, k_max), RANK_PAD, np.int32)
   valid = np.zeros((n, k_max), bool)
   for i, (p, cs, rs) in enumerate(zip(prompts, completions, ranks)):
     for k, c in enumerate(cs):
-      seq = list(p) + list(c) + [common.EOS_ID]
+      seq = list(p) + list(c) + [eos_id]
       tokens[i, k, :len(seq)] = seq
       segment_ids[i, k, :len(seq)] = 1
       positions[i, k, :len(seq)] = np.arange(len(seq))
@@ -125,18 +147,18 @@ def rm_rows(prompts: Sequence[Sequence[int]],
       "tokens": tokens, "segment_ids": segment_ids, "positions": positions,
       "ranks": rank, "valid": valid,
       "group": np.asarray(groups, np.int32).reshape(n)},
-      {"ranks": RANK_PAD, "group": -1})
+      {"tokens": pad_id, "ranks": RANK_PAD, "group": -1})
 
 
 def prompt_rows(prompts: Sequence[Sequence[int]], ids: Sequence[int],
-                max_len: int) -> dict[str, np.ndarray]:
+                max_len: int, *, pad_id: int) -> dict[str, np.ndarray]:
   """Prompts LEFT-padded to `max_len` (so generation starts in one column).
 
   `prompt_id` is the index into the split's prompt list; the padding row
   has -1.
   """
   n = len(prompts)
-  tokens = np.zeros((n, max_len), np.int32)
+  tokens = np.full((n, max_len), pad_id, np.int32)
   mask = np.zeros((n, max_len), bool)
   for i, p in enumerate(prompts):
     if p:
@@ -144,4 +166,5 @@ def prompt_rows(prompts: Sequence[Sequence[int]], ids: Sequence[int],
       mask[i, max_len - len(p):] = True
   return _with_padding_row({
       "prompt_tokens": tokens, "prompt_mask": mask,
-      "prompt_id": np.asarray(ids, np.int32).reshape(n)}, {"prompt_id": -1})
+      "prompt_id": np.asarray(ids, np.int32).reshape(n)},
+      {"prompt_tokens": pad_id, "prompt_id": -1})

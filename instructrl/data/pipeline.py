@@ -6,8 +6,8 @@
     batch = next(it)          # dict of numpy arrays, this process's rows
     state = it.get_state()    # save with the checkpoint; it.set_state(state)
 
-Data is read and validated once (sources.py), tokenized once with the seqio
-vocabulary, laid out as a fixed-shape table (packing.py) and batched by
+Data is read and validated once (sources.py), tokenized once with the
+vocabulary (vocab.py: its own EOS, PAD and BOS; no TensorFlow), laid out as a fixed-shape table (packing.py) and batched by
 index (iterators.py). This keeps everything in host memory, which is right
 for this project's sizes (the default world is ~30k strings, the corpus
 ~0.45M tokens); docs/data.md discusses very large datasets.
@@ -27,19 +27,20 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from instructrl.data import chat
 from instructrl.data import common
 from instructrl.data import iterators
 from instructrl.data import packing
 from instructrl.data import sources
+from instructrl.data import vocab as vocab_lib
 from instructrl.data import world as world_lib
 
 KINDS = sources.KINDS
 K_MAX = 9
 
 
-def resolve_vocab(vocab: Any, cache_dir: Optional[str] = None):
-  """A seqio vocabulary from itself or a spec string ("default", ...)."""
-  from instructrl.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
+def resolve_vocab(vocab: Any, cache_dir: Optional[str] = None) -> vocab_lib.Vocabulary:
+  """A vocabulary from itself or a spec string ("default", "hf:DIR", ...)."""
   if isinstance(vocab, str):
     return vocab_lib.get_vocabulary(vocab, cache_dir)
   return vocab
@@ -51,31 +52,72 @@ def _check(policy, ok: bool, where: str, what: str) -> bool:
   return ok
 
 
-def _encode(vocab, texts: list[str]) -> list[list[int]]:
-  from instructrl.data import vocab as vocab_lib  # pylint: disable=g-import-not-at-top
-  return vocab_lib.encode_batch(vocab, texts)
+def _sft_sequences(records, vocab, chat_template: bool, policy):
+  """{index: (ids, trained flags)} of the sft records that tokenize, and
+  {index: what the length counts} for the length message."""
+  demos = [i for i, r in enumerate(records) if isinstance(r, common.Demo)]
+  texts = [i for i, r in enumerate(records) if isinstance(r, common.Document)]
+  seqs, what = {}, {}
+  prompts = vocab.encode_batch([records[i].prompt for i in demos])
+  answers = vocab.encode_batch([records[i].completion for i in demos])
+  for i, p, c in zip(demos, prompts, answers):
+    p = vocab.prefix + p
+    seqs[i] = (p + c + [vocab.eos_id], [False] * len(p) + [True] * (len(c) + 1))
+    what[i] = "prompt + completion + EOS"
+  for i, ids in zip(texts, vocab.encode_batch([records[i].text for i in texts])):
+    seq = vocab.prefix + ids + [vocab.eos_id]
+    seqs[i], what[i] = (seq, [True] * len(seq)), "text + EOS"
+  for i, r in enumerate(records):
+    if isinstance(r, common.Chat):
+      try:
+        seqs[i] = (chat.template_sequence(vocab, r.messages, r.where)
+                   if chat_template else chat.plain_sequence(vocab, r.messages))
+        what[i] = "the conversation"
+      except common.DataError as e:
+        policy.handle(e)
+  return seqs, what
 
 
-def _tokenize(kind: str, records: list[Any], vocab, seq_len: int, k_max: int,
-              policy: common.ErrorPolicy) -> dict[str, np.ndarray]:
+def _prompt_ids(records, vocab, chat_template: bool, policy) -> dict[int, list[int]]:
+  """{index: ids} of the prompts that tokenize (BOS first where added)."""
+  plain = [i for i, r in enumerate(records) if not r.messages]
+  out = {i: vocab.prefix + ids for i, ids in zip(
+      plain, vocab.encode_batch([records[i].prompt for i in plain]))}
+  for i, r in enumerate(records):
+    if r.messages:
+      try:
+        out[i] = (chat.template_prompt(vocab, r.messages, r.where) if chat_template
+                  else chat.plain_prompt(vocab, r.messages))
+      except common.DataError as e:
+        policy.handle(e)
+  return out
+
+
+def _tokenize(kind: str, records: list[Any], vocab: vocab_lib.Vocabulary,
+              seq_len: int, k_max: int, policy: common.ErrorPolicy,
+              chat_template: bool = False) -> dict[str, np.ndarray]:
   """Encodes records, enforces lengths and lays out the table."""
+  eos, pad, prefix = vocab.eos_id, vocab.pad_id, vocab.prefix
   if kind == "lm":
-    return packing.pack_lm(_encode(vocab, [r.text for r in records]), seq_len)
-  prompts = _encode(vocab, [r.prompt for r in records])
+    docs = vocab.encode_batch([r.text for r in records])
+    return packing.pack_lm([prefix + d for d in docs], seq_len, eos_id=eos,
+                           pad_id=pad)
   if kind == "prompts":
-    keep = [i for i, (r, p) in enumerate(zip(records, prompts)) if _check(
-        policy, len(p) <= seq_len, r.where, f"the prompt is {len(p)} tokens, "
-        f"longer than the maximum prompt length {seq_len}")]
-    return packing.prompt_rows([prompts[i] for i in keep], keep, seq_len)
+    prompts = _prompt_ids(records, vocab, chat_template, policy)
+    keep = [i for i, p in sorted(prompts.items()) if _check(
+        policy, len(p) <= seq_len, records[i].where, f"the prompt is {len(p)} "
+        f"tokens, longer than the maximum prompt length {seq_len}")]
+    return packing.prompt_rows([prompts[i] for i in keep], keep, seq_len,
+                               pad_id=pad)
   if kind == "sft":
-    completions = _encode(vocab, [r.completion for r in records])
-    lengths = [len(p) + len(c) + 1 for p, c in zip(prompts, completions)]
-    keep = [i for i, r in enumerate(records) if _check(
-        policy, lengths[i] <= seq_len, r.where, f"prompt + completion + EOS "
-        f"is {lengths[i]} tokens, longer than seq_len {seq_len}")]
-    return packing.sft_rows([prompts[i] for i in keep],
-                            [completions[i] for i in keep], seq_len)
-  flat = _encode(vocab, [c for r in records for c in r.completions])
+    seqs, what = _sft_sequences(records, vocab, chat_template, policy)
+    keep = [i for i in sorted(seqs) if _check(
+        policy, len(seqs[i][0]) <= seq_len, records[i].where, f"{what[i]} is "
+        f"{len(seqs[i][0])} tokens, longer than seq_len {seq_len}")]
+    return packing.sequence_rows([seqs[i][0] for i in keep],
+                                 [seqs[i][1] for i in keep], seq_len, pad_id=pad)
+  prompts = [prefix + p for p in vocab.encode_batch([r.prompt for r in records])]
+  flat = vocab.encode_batch([c for r in records for c in r.completions])
   keep, completions, start = [], [], 0
   for i, r in enumerate(records):
     cs = flat[start:start + len(r.completions)]
@@ -90,7 +132,8 @@ def _tokenize(kind: str, records: list[Any], vocab, seq_len: int, k_max: int,
       completions.append(cs)
   return packing.rm_rows([prompts[i] for i in keep], completions,
                          [records[i].ranks for i in keep],
-                         [records[i].group for i in keep], seq_len, k_max)
+                         [records[i].group for i in keep], seq_len, k_max,
+                         eos_id=eos, pad_id=pad)
 
 
 def _fingerprint(table: Mapping[str, np.ndarray]) -> str:
@@ -106,13 +149,16 @@ def _fingerprint(table: Mapping[str, np.ndarray]) -> str:
 class ReadOptions:
   """How records are read and tokenized, the same for every split.
 
-  vocab: a seqio.Vocabulary, or a spec for vocab.get_vocabulary.
+  vocab: a vocab.Vocabulary, or a spec for vocab.get_vocabulary.
   world: WorldConfig fields for "world" specs, e.g. {"seed": 0, "sft": 3000}.
   on_error: "raise" a DataError at the first bad record, or "skip" bad
     records (counted in `it.info["skipped"]`, logged as a warning).
   cache_dir: vocabulary and corpus cache.
   tfds_data_dir: TFDS data dir for "tfds:" specs.
   fields: TFDS only: our field name -> the dataset's feature name.
+  chat_template: render "messages" records with the tokenizer's chat
+    template (chat.py; needs jinja2 and an hf: vocabulary with one), not
+    plainly.
   """
   vocab: Any = "default"
   world: Optional[Mapping[str, Any]] = None
@@ -120,6 +166,7 @@ class ReadOptions:
   cache_dir: Optional[str] = None
   tfds_data_dir: Optional[str] = None
   fields: Optional[Mapping[str, str]] = None
+  chat_template: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +207,8 @@ def make_table(kind: str, spec: str, split: str = "train", *, seq_len: int,
     records = [r for r in records if r.group in allowed]
   table, info = table_from_records(
       kind, records, seq_len=seq_len, vocab=resolve_vocab(read.vocab, read.cache_dir),
-      k_max=k_max, policy=policy, name=f"{spec} ({kind}, {split})")
+      k_max=k_max, policy=policy, name=f"{spec} ({kind}, {split})",
+      chat_template=read.chat_template)
   info.update(spec=spec, split=split)
   return table, info
 
@@ -168,7 +216,7 @@ def make_table(kind: str, spec: str, split: str = "train", *, seq_len: int,
 def table_from_records(kind: str, records: Sequence[Any], *, seq_len: int,
                        vocab: Any, k_max: int = K_MAX,
                        policy: Optional[common.ErrorPolicy] = None,
-                       name: str = "records"
+                       name: str = "records", chat_template: bool = False
                        ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Tokenizes in-memory records (common.Demo, Comparison, ...) to a table.
 
@@ -179,7 +227,7 @@ def table_from_records(kind: str, records: Sequence[Any], *, seq_len: int,
   if not records:
     raise common.DataError(name, f"no {kind} records")
   table = _tokenize(kind, list(records), resolve_vocab(vocab), seq_len, k_max,
-                    policy)
+                    policy, chat_template)
   policy.report(name)
   n = len(next(iter(table.values()))) - 1
   if n == 0:

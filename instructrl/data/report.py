@@ -82,10 +82,8 @@ def _tokens(world: world_lib.World, vocab_spec: str) -> None:
   vocab = vocab_lib.get_vocabulary(vocab_spec)
   for split in ("train", "test"):
     ps = world.prompts("sft", split) + world.prompts("prompts", split)
-    plen = np.array([len(x) for x in vocab_lib.encode_batch(
-        vocab, [p.text for p in ps])])
-    rlen = np.array([len(x) for x in vocab_lib.encode_batch(
-        vocab, [p.reference for p in ps])])
+    plen = np.array([len(x) for x in vocab.encode_batch([p.text for p in ps])])
+    rlen = np.array([len(x) for x in vocab.encode_batch([p.reference for p in ps])])
     print(f"{split:5} prompts: mean {plen.mean():.1f} max {plen.max()}; "
           f"references: mean {rlen.mean():.1f} max {rlen.max()}")
 

@@ -5,7 +5,10 @@ Specs (plain strings, so configs stay ml_collections-friendly):
   "world"             the miniature instruction world (sft, rm, prompts)
   "corpus"            the stdlib pretraining corpus (lm)
   "jsonl:PATH"        JSONL file(s); PATH may be a glob and may contain
-                      "{split}", replaced by the split name
+                      "{split}", replaced by the split name (jsonl.py has
+                      the formats: TRL's prompt/completion, messages, text,
+                      prompt/chosen/rejected, chosen/rejected, ranked K-way)
+  "parquet:PATH"      Parquet file(s), the same fields (needs pyarrow)
   "text:PATH"         plain-text documents (lm), blank-line separated
   "tfds:NAME"         any TFDS dataset, NAME as TFDS spells it
                       ("name/config:version"), read through
@@ -25,9 +28,9 @@ KINDS = ("lm", "sft", "rm", "prompts")
 # Field names of each kind (TFDS features are renamed to these by `fields`).
 FIELDS = {
     "lm": ("text",),
-    "sft": ("prompt", "completion"),
-    "rm": ("prompt", "completions", "ranks", "group"),
-    "prompts": ("prompt",),
+    "sft": ("prompt", "completion", "messages", "text"),
+    "rm": ("prompt", "completions", "ranks", "group", "chosen", "rejected"),
+    "prompts": ("prompt", "messages"),
 }
 
 
@@ -36,11 +39,11 @@ def parse_spec(spec: str) -> tuple[str, str]:
   scheme, _, arg = spec.partition(":")
   if scheme in ("world", "corpus") and not arg:
     return scheme, ""
-  if scheme in ("jsonl", "text", "tfds") and arg:
+  if scheme in ("jsonl", "parquet", "text", "tfds") and arg:
     return scheme, arg
   raise common.DataError(
       "data", f"unknown data spec {spec!r}; use 'world', 'corpus', "
-      "'jsonl:PATH', 'text:PATH' or 'tfds:NAME'")
+      "'jsonl:PATH', 'parquet:PATH', 'text:PATH' or 'tfds:NAME'")
 
 
 def load_records(kind: str, spec: str, split: str, *,
@@ -84,6 +87,8 @@ def load_records(kind: str, spec: str, split: str, *,
     return jsonl.read_text(arg.replace("{split}", split), policy)
   if scheme == "jsonl":
     return jsonl.read_jsonl(kind, arg.replace("{split}", split), policy)
+  if scheme == "parquet":
+    return jsonl.read_parquet(kind, arg.replace("{split}", split), policy)
   return read_tfds(kind, arg, split, data_dir=tfds_data_dir, fields=fields,
                    policy=policy)
 

@@ -28,10 +28,9 @@ import tensorflow as tf
 
 from instructrl.data import common
 from instructrl.data import corpus
+from instructrl.data import seqio_vocab
 from instructrl.data import sources
 from instructrl.data import vocab as vocab_lib
-
-common.hide_accelerators_from_tensorflow()
 
 TASK_NAMES = {
     "lm": "instructrl_corpus",
@@ -108,8 +107,8 @@ def _tokenize_comparisons(dataset, output_features):
     ids = tf.map_fn(lambda s: tf.cast(vocab.encode_tf(s), tf.int32),
                     ex["targets"], fn_output_signature=tf.RaggedTensorSpec(
                         [None], tf.int32, ragged_rank=0))
-    eos = tf.fill([ids.nrows(), 1], common.EOS_ID)
-    ids = tf.concat([ids, eos], axis=1).to_tensor(common.PAD_ID)
+    eos = tf.fill([ids.nrows(), 1], vocab.eos_id)
+    ids = tf.concat([ids, eos], axis=1).to_tensor(vocab.pad_id)
     return dict(ex, inputs=tf.cast(vocab.encode_tf(ex["inputs"]), tf.int32),
                 targets=ids)
   return dataset.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
@@ -126,10 +125,10 @@ def _preprocessors(kind: str):
 
 def _resolve(vocab: Any) -> seqio.Vocabulary:
   if vocab is None or vocab == "default":
-    return vocab_lib.LazyDefaultVocabulary()
+    return seqio_vocab.LazyDefaultVocabulary()
   if isinstance(vocab, str):
-    return vocab_lib.get_vocabulary(vocab)
-  return vocab
+    vocab = vocab_lib.get_vocabulary(vocab)
+  return seqio_vocab.as_seqio(vocab)
 
 
 def register_task(kind: str, spec: str, *, name: Optional[str] = None,

@@ -1,37 +1,46 @@
-"""Vocabularies (seqio): a small SentencePiece model trained offline, bytes,
-or any SentencePiece model file.
+"""Vocabularies without TensorFlow, from a spec; the miniature's own model.
 
-The default model is trained on first use from the pretraining corpus's
-training split and cached; later runs reuse the file. Training is
-single-threaded because the unigram trainer's result depends on the thread
-count, and we want the same model bytes on every machine (~5 s at 2048).
+Every user of token ids takes the special ones from a `Vocabulary`
+(vocabulary.py), never from a constant: `eos_ids` (generation stops on any
+of them; the first is the one appended to training sequences), `pad_id`,
+`bos_id` and `add_bos` (whether sequences start with BOS, as the
+tokenizer's post-processor does).
 
-Options chosen so that every string round-trips exactly, which the world's
-tasks need (reversing 'apple' must give back 'elppa', spaces and all):
-identity normalisation (no NFKC, no whitespace squashing), byte fallback for
-characters outside the vocabulary (newlines, tabs, emoji), and digits split
-into single-digit pieces so numbers are spelled digit by digit.
+  get_vocabulary("default")          SentencePiece, 2048 pieces, trained on
+                                     the corpus on first use and cached
+  get_vocabulary("byte")             UTF-8 bytes + 3 (PAD 0, EOS 1, UNK 2)
+  get_vocabulary("sentencepiece:P")  any SentencePiece model file
+  get_vocabulary("hf:DIR")           a Hugging Face checkpoint's tokenizer
+                                     (hf_vocab.py)
+
+The default model's options are chosen so that every string round-trips
+exactly, which the world's tasks need (reversing 'apple' must give back
+'elppa', spaces and all): identity normalisation, byte fallback for
+characters outside the vocabulary, digits split into single-digit pieces.
+Training is single-threaded because the unigram trainer's result depends on
+the thread count, and we want the same model bytes on every machine (~5 s).
+The miniature's models keep PAD 0 and EOS 1 (seqio's convention) as their
+own ids; nothing else in the code assumes them. seqio vocabularies are built
+from these only for seqio Tasks (seqio_vocab.py).
 """
-import hashlib
 import io
 import os
 import string
 from typing import Optional
 
-import seqio
 import sentencepiece as spm
 
 from instructrl.data import common
 from instructrl.data import corpus
-
-common.hide_accelerators_from_tensorflow()
+from instructrl.data import hf_vocab
+from instructrl.data import vocabulary
 
 DEFAULT_VOCAB_SIZE = 2048
 _TRAINER_VERSION = 2  # Bump when the options below change.
 _TRAINER_OPTIONS = dict(
     model_type="unigram",
-    pad_id=common.PAD_ID,
-    eos_id=common.EOS_ID,
+    pad_id=0,
+    eos_id=1,
     unk_id=2,
     bos_id=-1,
     split_digits=True,
@@ -47,6 +56,11 @@ _TRAINER_OPTIONS = dict(
     num_threads=1,
     minloglevel=2,
 )
+
+
+Vocabulary = vocabulary.Vocabulary
+ByteVocabulary = vocabulary.ByteVocabulary
+SentencePieceVocabulary = vocabulary.SentencePieceVocabulary
 
 
 def default_model_path(vocab_size: int = DEFAULT_VOCAB_SIZE,
@@ -77,90 +91,51 @@ def train_default_model(vocab_size: int = DEFAULT_VOCAB_SIZE,
   return path
 
 
-class LazyDefaultVocabulary(seqio.SentencePieceVocabulary):
-  """The default vocabulary, trained when first used rather than when built.
-
-  seqio tasks are registered at import time; this keeps that import cheap
-  (no corpus, no training). The cache dir is also resolved at first use, so
-  setting $INSTRUCTRL_CACHE after the import still takes effect.
-  """
-
-  def __init__(self, vocab_size: int = DEFAULT_VOCAB_SIZE,
-               cache_dir: Optional[str] = None):
-    self._vocab_size = vocab_size
-    self._cache_dir = cache_dir
-    super().__init__(default_model_path(vocab_size, cache_dir))
-
-  def _model_context(self):
-    # seqio reads the model file here, lazily: make sure it exists first.
-    if not self._model:
-      self._sentencepiece_model_file = train_default_model(
-          self._vocab_size, self._cache_dir)
-    return super()._model_context()
-
-
-def _check_special_ids(vocab: seqio.Vocabulary, where: str) -> None:
-  if vocab.eos_id != common.EOS_ID:
-    raise common.DataError(
-        where, f"EOS must be id {common.EOS_ID} (seqio's convention), this "
-        f"model has {vocab.eos_id}; train it with --pad_id=0 --eos_id=1 "
-        "--unk_id=2 --bos_id=-1")
+def default_size(spec: str) -> int:
+  """The size of a "default" or "default:<size>" spec."""
+  if ":" not in spec:
+    return DEFAULT_VOCAB_SIZE
+  try:
+    return int(spec.split(":", 1)[1])
+  except ValueError:
+    raise common.DataError("vocab", f"bad size in {spec!r}") from None
 
 
 def get_vocabulary(spec: str = "default",
-                   cache_dir: Optional[str] = None) -> seqio.Vocabulary:
-  """A seqio vocabulary with PAD_ID = 0 and EOS_ID = 1.
+                   cache_dir: Optional[str] = None) -> Vocabulary:
+  """A vocabulary from its spec (module docstring); no TensorFlow.
 
   Args:
-    spec: "default" (SentencePiece, 2048 pieces, trained on the corpus and
-      cached), "default:<size>" (another size), "byte" (UTF-8 bytes + 3), or
-      "sentencepiece:/path/to/model".
+    spec: "default", "default:<size>", "byte", "sentencepiece:/path/to/model"
+      or "hf:/path/to/checkpoint_dir".
     cache_dir: where the default model is cached; None means
       $INSTRUCTRL_CACHE or ~/.cache/instructrl.
 
-  Returns:
-    The vocabulary, its model already loaded.
-
   Raises:
-    DataError: unknown spec, missing model file or wrong special ids.
+    DataError: unknown spec, missing or unreadable model, no EOS.
   """
   if spec == "byte":
-    return seqio.ByteVocabulary()
+    return ByteVocabulary()
   if spec == "default" or spec.startswith("default:"):
-    size = DEFAULT_VOCAB_SIZE
-    if ":" in spec:
-      try:
-        size = int(spec.split(":", 1)[1])
-      except ValueError:
-        raise common.DataError("vocab", f"bad size in {spec!r}") from None
-    vocab = seqio.SentencePieceVocabulary(train_default_model(size, cache_dir))
-  elif spec.startswith("sentencepiece:"):
+    return SentencePieceVocabulary(train_default_model(default_size(spec),
+                                                       cache_dir))
+  if spec.startswith("sentencepiece:"):
     path = os.path.expanduser(spec.split(":", 1)[1])
     if not os.path.isfile(path):
       raise common.DataError(path, "no such SentencePiece model file")
-    vocab = seqio.SentencePieceVocabulary(path)
-    try:
-      vocab.load_model()
-    except Exception as e:  # The protobuf parser's errors vary by version.
-      raise common.DataError(path, f"not a SentencePiece model ({e})") from None
-  else:
-    raise common.DataError(
-        "vocab", f"unknown vocabulary {spec!r}; use 'default', "
-        "'default:<size>', 'byte' or 'sentencepiece:/path'")
-  vocab.load_model()
-  _check_special_ids(vocab, spec)
-  return vocab
+    return SentencePieceVocabulary(path)
+  if spec.startswith("hf:"):
+    return hf_vocab.load(os.path.expanduser(spec.split(":", 1)[1]))
+  raise common.DataError(
+      "vocab", f"unknown vocabulary {spec!r}; use 'default', 'default:<size>', "
+      "'byte', 'sentencepiece:/path' or 'hf:/checkpoint/dir'")
 
 
-def vocab_fingerprint(vocab: seqio.Vocabulary) -> str:
+def vocab_fingerprint(vocab: Vocabulary) -> str:
   """Identifies a vocabulary's token mapping (for caches and states)."""
-  if isinstance(vocab, seqio.SentencePieceVocabulary):
-    return "spm-" + hashlib.sha256(vocab.sp_model).hexdigest()[:16]
-  return f"{type(vocab).__name__}-{vocab.vocab_size}"
+  return vocab.fingerprint or f"{type(vocab).__name__}-{vocab.vocab_size}"
 
 
-def encode_batch(vocab: seqio.Vocabulary, texts: list[str]) -> list[list[int]]:
-  """vocab.encode over many strings; SentencePiece's batch call is faster."""
-  if isinstance(vocab, seqio.SentencePieceVocabulary):
-    return vocab.tokenizer.encode(texts, out_type=int)
-  return [list(vocab.encode(t)) for t in texts]
+def encode_batch(vocab: Vocabulary, texts: list[str]) -> list[list[int]]:
+  """vocab.encode over many strings (the batch call where there is one)."""
+  return vocab.encode_batch(texts)

@@ -20,10 +20,10 @@ def prompt_batches(texts, *, vocab, seq_len: int, batch_size: int, tag: str = "p
 
 def decode(vocab, batch, out) -> list[str]:
   """The responses of `batch`'s real rows (padding rows dropped), EOS removed."""
-  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
   resp, mask = np.asarray(out.response), np.asarray(out.response_mask)
   real = np.asarray(batch["prompt_mask"]).any(axis=1)
-  return [vocab.decode([int(t) for t, m in zip(resp[r], mask[r]) if m and t != EOS_ID])
+  eos = set(vocab.eos_ids)
+  return [vocab.decode([int(t) for t, m in zip(resp[r], mask[r]) if m and t not in eos])
           for r in np.flatnonzero(real)]
 
 

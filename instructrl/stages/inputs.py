@@ -36,18 +36,32 @@ def rm_model_config(config, dropout: float = 0.0) -> ModelConfig:
   return ModelConfig.from_dict(d)
 
 
+_VOCABS = {}
+
+
 def vocabulary(config):
-  """The data's vocabulary (imports the data layer)."""
+  """The data's vocabulary, `data.vocab.Vocabulary` (loaded once per spec)."""
   from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.resolve_vocab(config.data.vocab, config.data.cache_dir or None)
+  key = (config.data.vocab, config.data.cache_dir or None)
+  if key not in _VOCABS:
+    _VOCABS[key] = pipeline.resolve_vocab(*key)
+  return _VOCABS[key]
+
+
+def special_ids(config) -> dict:
+  """The vocabulary's stop and padding ids, as the sampler and the rollout
+  take them: `SampleConfig(..., **special_ids(config))`."""
+  v = vocabulary(config)
+  return {"eos_ids": tuple(v.eos_ids), "pad_id": int(v.pad_id)}
 
 
 def read_options(config):
   """How this run reads records (`data.pipeline.ReadOptions`)."""
   from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
   d = config.data
-  return pipeline.ReadOptions(vocab=d.vocab, world=dict(d.world), on_error=d.on_error,
-                              cache_dir=d.cache_dir or None)
+  return pipeline.ReadOptions(vocab=vocabulary(config), world=dict(d.world),
+                              on_error=d.on_error, cache_dir=d.cache_dir or None,
+                              chat_template=bool(d.get("chat_template", False)))
 
 
 def iterator(config, kind: str, spec: str, split: str, batch_size: int, seq_len: int,

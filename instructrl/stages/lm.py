@@ -150,7 +150,6 @@ def _rm_selection(config, workdir, stage, p: Programs, mesh):
   kept SFT checkpoint is the best by RM score on validation prompts."""
   if stage != "sft" or not config.sft.select_rm:
     return None
-  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
   rm_cfg = inputs.rm_model_config(config)
   src = config.sft.select_rm
   if src == "rm":
@@ -162,4 +161,4 @@ def _rm_selection(config, workdir, stage, p: Programs, mesh):
   prompts = inputs.iterator(config, "prompts", sc.data, "validation", sc.batch_size,
                             sc.select_prompt_len, config.seed, infinite=False)
   return sft_extras.rm_score_eval(p.graphdef, p.shardings["params"], g_rm, rm, prompts,
-                                  mesh, EOS_ID, sc.select_new_tokens)
+                                  mesh, inputs.special_ids(config), sc.select_new_tokens)

@@ -48,12 +48,11 @@ def tied_ranks(u: np.ndarray, rng: np.random.Generator, temperature: float) -> l
 
 def _samples(config, workdir, mesh, texts, n_per_prompt):
   """Decoded temperature-1 SFT samples: n_per_prompt[i] answers to texts[i]."""
-  from instructrl.data import EOS_ID  # pylint: disable=g-import-not-at-top
   sc = config.rm
   g, params, sh = inputs.load_model(workdir, "sft", LanguageModel,
                                     inputs.model_config(config), mesh)
   sampler = make_sampler(g, sh, SampleConfig(sc.sample_new_tokens, sc.sample_temperature,
-                                             eos_id=EOS_ID), mesh)
+                                             **inputs.special_ids(config)), mesh)
   vocab = inputs.vocabulary(config)
   owner = np.repeat(np.arange(len(texts)), n_per_prompt)
   flat = answers.generate(sampler, params, [texts[i] for i in owner], mesh, vocab=vocab,

@@ -52,10 +52,11 @@ def mixed_batches(sft, ptx) -> loop.JointBatches:
 
 
 def rm_score_eval(lm_graphdef, lm_shardings, rm_graphdef, rm_params, prompts_it,
-                  mesh, eos_id: int, max_new_tokens: int):
-  """`eval(params) -> {"rm_score"}` over a one-pass prompt iterator."""
+                  mesh, special_ids: dict, max_new_tokens: int):
+  """`eval(params) -> {"rm_score"}` over a one-pass prompt iterator;
+  `special_ids` the vocabulary's {"eos_ids", "pad_id"}."""
   sampler = make_sampler(lm_graphdef, lm_shardings,
-                         SampleConfig(max_new_tokens, 0.0, eos_id=eos_id), mesh)
+                         SampleConfig(max_new_tokens, 0.0, **special_ids), mesh)
   score = mesh_lib.jit(
       lambda p, s, m: rollout_lib.sequence_scores(rm_graphdef, p, s, m), mesh)
 
