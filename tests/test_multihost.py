@@ -256,3 +256,93 @@ def test_a_lost_process_ends_the_other_and_both_resume_bitwise(tmp_path):
   want, got = _losses(ref), _losses(work)
   assert sorted(want) == list(range(1, 11))
   assert all(got[s] == want[s] for s in got) and set(got) == set(want)
+
+
+# --- Preemption of one process. -----------------------------------------------
+
+# SFT from random weights (no pretrain stage to run first): 12 steps, no
+# periodic save and no evaluation, so the only checkpoint before the end is
+# the one the preemption makes.
+SFT_ARGS = ("--config=configs/default.py:tiny", "--config.stage=sft",
+            "--config.sft.init=none", "--config.sft.epochs=1.5",
+            "--config.sft.log_every=1", "--config.sft.save_every=100",
+            "--config.sft.eval_every=0")
+SFT_STEPS = 12
+GRACE_S = 30.0  # GCE spot VMs and SLURM's default KillWait.
+
+
+def _start_sft_pair(workdir, logs) -> list[subprocess.Popen]:
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  for var in distributed.ENV.values():
+    env.pop(var, None)
+  procs = []
+  for i in range(2):
+    with open(logs / f"p{i}.txt", "ab") as log:
+      procs.append(subprocess.Popen(
+          [sys.executable, "-m", "instructrl.main", f"--workdir={workdir}",
+           *SFT_ARGS, f"--coordinator_address=127.0.0.1:{port}",
+           "--num_processes=2", f"--process_id={i}"],
+          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+  return procs
+
+
+def _sft_records(workdir) -> dict[int, dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  lines = path.read_text().splitlines() if path.exists() else []
+  return {r["step"]: r for r in map(json.loads, lines)
+          if r.get("stage") == "sft" and "loss" in r}
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bitwise(
+    tmp_path):
+  """jax's preemption service: process 1's SIGTERM reaches its notifier, the
+  coordination service picks a sync step, and both processes stop there
+  (reached_preemption_sync_point), save it together and exit 143."""
+  import re  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ref, work, logs = tmp_path / "ref", tmp_path / "work", tmp_path / "logs"
+  logs.mkdir()
+  procs = _start_sft_pair(work, logs)
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not any(s >= 2 for s in _sft_records(work)):
+      assert procs[0].poll() is None and time.monotonic() < deadline, (
+          logs / "p0.txt").read_text()[-3000:]
+      time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)  # Process 1 only, mid-stage.
+    t0 = time.monotonic()
+    codes = [p.wait(timeout=GRACE_S * 4) for p in procs]
+    exit_s = time.monotonic() - t0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  out = (logs / "p0.txt").read_text() + (logs / "p1.txt").read_text()
+  assert codes == [143, 143], out[-3000:]
+  assert exit_s < GRACE_S, exit_s
+  stops = re.findall(r"preempted: SIGTERM: sft stopped at step (\d+)", out)
+  assert len(stops) == 2 and stops[0] == stops[1], out[-3000:]
+  step = int(stops[0])
+  assert 2 <= step < SFT_STEPS, step
+  # Saved at the agreed step, and logged up to it: nothing lost.
+  assert sorted(p.name for p in (work / "sft" / "ckpt").iterdir()) == [str(step)]
+  assert sorted(_sft_records(work)) == list(range(1, step + 1))
+  assert "Traceback" not in out, out[-3000:]
+  print(f"SIGTERM to process 1: both stopped at step {step}, exit {exit_s:.1f}s")
+  _wait_all(_start_sft_pair(work, logs), logs)  # Both restarted: they resume.
+  _wait_all(_start_sft_pair(ref, logs), logs)  # The uninterrupted run.
+  a = _pure(ref / "sft" / "export" / "params")
+  b = _pure(work / "sft" / "export" / "params")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  want, got = _sft_records(ref), _sft_records(work)
+  assert sorted(want) == sorted(got) == list(range(1, SFT_STEPS + 1))
+  for s, r in want.items():
+    for k in ("loss", "accuracy", "grad_norm", "lr"):
+      assert got[s].get(k) == r.get(k), (s, k)
