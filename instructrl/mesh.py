@@ -111,6 +111,64 @@ def sampling_mesh(mesh: Mesh, tensor: int) -> Mesh:
   return Mesh(dev, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+# The training and the sampling mesh as one 4-axis view of the same devices:
+# training fsdp = (fsdp, group), sampling tensor = (group, tensor), sampling
+# data = (data, fsdp). Reshards between the two are planned on this view.
+VIEW_AXES = ("data", "fsdp", "group", "tensor")
+_TO_VIEW = ({"data": ("data",), "fsdp": ("fsdp", "group"), "tensor": ("tensor",)},
+            {"data": ("data", "fsdp"), "fsdp": (), "tensor": ("group", "tensor")})
+
+
+def sampling_view(mesh: Mesh, tensor: int) -> Mesh:
+  """`mesh`'s devices as (data, fsdp / tensor, tensor, training tensor)."""
+  d, f, t = (dict(mesh.shape)[a] for a in MESH_AXES)
+  dev = np.asarray(mesh.devices).reshape(d, f // tensor, tensor, t)
+  return Mesh(dev, VIEW_AXES, axis_types=(AxisType.Auto,) * len(VIEW_AXES))
+
+
+def _axes(e) -> tuple[str, ...]:
+  return () if e is None else (e,) if isinstance(e, str) else tuple(e)
+
+
+def view_spec(spec: P, sampling: bool) -> P:
+  """A PartitionSpec of the training (or `sampling`) mesh as one of the view."""
+  return P(*(tuple(b for a in _axes(e) for b in _TO_VIEW[sampling][a]) or None
+             for e in spec))
+
+
+def reshard_steps(train: P, sampling: P, ndim: int) -> tuple[P, ...]:
+  """View specs that take an array from its training spec to its sampling one.
+
+  XLA's partitioner has no cheap path between two unrelated tilings (it
+  replicates the whole array, then slices), so we go in steps it does have:
+  gather `group` out of the fsdp-split dimension (an all-gather within each
+  tensor group), split the sampling tensor dimension over `group` (a local
+  slice), then gather the rest of fsdp (an all-gather across groups).
+  """
+  pad = lambda spec: [_axes(e) for e in spec] + [()] * (ndim - len(spec))
+  tr, sa = pad(view_spec(train, False)), pad(view_spec(sampling, True))
+  grouped = [i for i, e in enumerate(sa) if "group" in e]
+  gathered = [tuple(a for a in e if a != "group") for e in tr]
+  split = [sa[i] if i in grouped else
+           tuple(a for a in e if not (grouped and a == "tensor"))
+           for i, e in enumerate(gathered)]
+  steps = []
+  for s in (tr, gathered, split, sa):
+    s = P(*(e or None for e in s))
+    if not steps or s != steps[-1]:
+      steps.append(s)
+  return tuple(steps)
+
+
+def to_sampling(x: jax.Array, train: P, sampling: P, view: Mesh,
+                back: bool = False) -> jax.Array:
+  """Inside a jit: `x` moved along `reshard_steps(train, sampling)` (or back)."""
+  steps = reshard_steps(train, sampling, x.ndim)
+  for spec in reversed(steps) if back else steps:
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(view, spec))
+  return x
+
+
 def _axis_size(mesh_shape: Mapping[str, int], axes) -> int:
   if axes is None:
     return 1

@@ -107,8 +107,6 @@ CONFIG_ERRORS = {
                              "config.data.world"),
     "seq_len_over_max_len": (["--config.stage=sft", "--config.sft.seq_len=500",
                               *MESH8], "config.sft.seq_len"),
-    "negative_batch_size": (["--config.stage=sft", "--config.sft.batch_size=-4",
-                             *MESH8], "config.sft.batch_size"),
     "zero_ppo_lr": (["--config.ppo.lr=0", *MESH8], "config.ppo.lr"),
     "ptx_frac_of_one": (["--config.sft.ptx_frac=1.0", *MESH8], "config.sft.ptx_frac"),
     "unknown_variant": (["--config=configs/default.py:bogus"], "bogus"),
@@ -130,6 +128,19 @@ def test_config_error_is_one_line_and_exit_2(finished_pretrain, case):
   assert names in lines[0], lines[0]
   assert tree_digest(workdir) == before  # Nothing written, nothing removed.
   _assert_export_loads(workdir, cfg, expected)
+
+
+def test_a_negative_batch_size_is_one_line_and_creates_nothing(tmp_path):
+  # Once a ValueError traceback from the data layer (issue 19); every numeric
+  # key is now a row of stages/limits.py, checked before the workdir exists.
+  workdir = tmp_path / "never_created"
+  proc = run_cli(workdir, "--config.stage=sft", "--config.sft.batch_size=-4",
+                 devices=1)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert our_lines(proc.stderr) == [
+      "error: config.sft.batch_size=-4: must be an integer >= 1"], proc.stderr[-3000:]
+  assert not workdir.exists()
 
 
 def test_missing_pretrain_in_an_empty_workdir(tmp_path):

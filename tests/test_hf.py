@@ -26,7 +26,7 @@ except ImportError as e:  # Fail, not skip: CI installs both extras.
 
 import hf_models
 from hf_models import hf_logits
-from instructrl.tools import hf
+from instructrl import hf
 from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel, ModelConfig
 from instructrl.sampling import SampleConfig, sample

@@ -31,7 +31,7 @@ from instructrl import mesh as mesh_lib
 from instructrl.data.common import DataError
 from instructrl.model import LanguageModel, ModelConfig, ScalarModel, init_cache
 from instructrl.sampling import SampleConfig, sample
-from instructrl.tools import hf
+from instructrl import hf
 
 V = 67
 _SHAPE = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -368,7 +368,7 @@ def test_sharded_export_with_index(hf_dirs, tmp_path):
 
 
 def test_export_refuses_configs_no_family_has():
-  from instructrl.stages.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from instructrl.hf import FamilyError as ConfigError  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig(style="llama", norm_plus_one=True)  # Gemma's norm alone.
   with pytest.raises(ConfigError, match="no Hugging Face family"):
     hf.hf_config_from_model(cfg)

@@ -4,6 +4,7 @@ Layers, lowest first (docs/design.md, "Layout"):
   core    instructrl.{mesh,losses,loss_checks,sampling,steps,checkpoint,
           state_format,metrics,config_files}, instructrl.model
   data    instructrl.data (beside the core: neither imports the other)
+  hf      instructrl.hf (Hugging Face checkpoints: the core and data below it)
   rl      instructrl.rl
   eval    instructrl.eval
   stages  instructrl.stages
@@ -22,7 +23,8 @@ from collections import Counter
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PKG = ROOT / "instructrl"
-RANK = {"core": 0, "data": 0, "rl": 1, "eval": 2, "stages": 3, "tools": 4, "main": 5}
+RANK = {"core": 0, "data": 0, "hf": 1, "rl": 2, "eval": 3, "stages": 4, "tools": 5,
+        "main": 6}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -40,7 +42,7 @@ def layer(mod: str) -> str:
   parts = mod.split(".")
   if len(parts) == 1:
     return "core"
-  if parts[1] in ("data", "rl", "eval", "stages", "tools", "main"):
+  if parts[1] in ("data", "hf", "rl", "eval", "stages", "tools", "main"):
     return parts[1]
   return "core"
 

@@ -139,10 +139,27 @@ def shape_rewards(score, logp, ref_logp, mask, kl_coef, kl_kind: str = "k1"):
 
 def make_experience(models: dict, params: dict, prompt_tokens, prompt_mask, key,
                     kl_coef, rc: RolloutConfig) -> tuple[Experience, dict]:
-  """The whole rollout phase; `models`/`params` keyed policy, ref, rm, value."""
-  sc = SampleConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
-                    eos_ids=rc.eos_ids, pad_id=rc.pad_id)
-  out = sample(models["policy"], params["policy"], prompt_tokens, prompt_mask, key, sc)
+  """The whole rollout phase; `models`/`params` keyed policy, ref, rm, value.
+
+  = `score_sample` of `sample` in one program; the sampling layout
+  (`stages.ppo`) runs the two as separate programs on their own meshes.
+  """
+  out = sample(models["policy"], params["policy"], prompt_tokens, prompt_mask, key,
+               sample_config(rc))
+  return score_sample(models, params, out, prompt_mask, kl_coef, rc)
+
+
+def sample_config(rc: RolloutConfig) -> SampleConfig:
+  """The sampler's settings of the rollout."""
+  return SampleConfig(max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+                      eos_ids=rc.eos_ids, pad_id=rc.pad_id)
+
+
+def score_sample(models: dict, params: dict, out, prompt_mask, kl_coef,
+                 rc: RolloutConfig) -> tuple[Experience, dict]:
+  """Everything after sampling: the RM's score of the sampler's output `out`
+  (a `SampleOutput` of prompts with `prompt_mask`), then
+  `experience_from_sample`."""
   seq_mask = jnp.concatenate([prompt_mask.astype(bool), out.response_mask], axis=1)
   score = sequence_scores(models["rm"], params["rm"], out.tokens, seq_mask)
   return experience_from_sample(models, params, out, seq_mask, score, kl_coef, rc)

@@ -8,13 +8,15 @@ from instructrl import mesh as mesh_lib
 from instructrl.model import LanguageModel, ModelConfig, ScalarModel
 from instructrl.model.sharded import abstract
 from instructrl.stages import loop
+from instructrl.stages import pretrained
 from instructrl.stages.errors import ConfigError
-from instructrl.stages.validate import rm_key
 
 
 def model_config(config, dropout: float = 0.0, **overrides) -> ModelConfig:
-  """The policy's config; `model.vocab_size = 0` means "the vocabulary's size"."""
-  d = dict(config.model)
+  """The policy's config: `config.model`, or with `config.hf_model` set that
+  checkpoint's architecture with config.model's numerics (`pretrained`);
+  `vocab_size = 0` means "the vocabulary's size"."""
+  d = pretrained.model_fields(config, "model")
   if not d["vocab_size"]:
     d["vocab_size"] = int(vocabulary(config).vocab_size)
   d.update(dropout_rate=dropout, **overrides)
@@ -22,30 +24,31 @@ def model_config(config, dropout: float = 0.0, **overrides) -> ModelConfig:
 
 
 def rm_model_config(config, dropout: float = 0.0) -> ModelConfig:
-  """The reward and value models' config: `config.rm_model` if the config
-  has one (one 6B RM for every policy size), else the policy's."""
-  if "rm_model" not in config:
+  """The reward and value models' config: `config.rm_model` or
+  `config.hf_rm_model` if the config has one (one 6B RM for every policy
+  size), else the policy's."""
+  key = pretrained.rm_key(config)
+  if key == "model":
     return model_config(config, dropout)
-  d = dict(config.rm_model, dropout_rate=dropout)
+  d = dict(pretrained.model_fields(config, key), dropout_rate=dropout)
   vocab = model_config(config).vocab_size
   if d["vocab_size"] and d["vocab_size"] != vocab:
     # The RM reads the policy's token ids.
-    raise ConfigError(f"config.{rm_key(config)}.vocab_size={d['vocab_size']} "
-                      f"differs from the policy's vocabulary size {vocab}")
+    raise ConfigError(f"{pretrained.source(config, key)}: vocab_size "
+                      f"{d['vocab_size']} differs from the policy's vocabulary "
+                      f"size {vocab}")
   d["vocab_size"] = vocab
   return ModelConfig.from_dict(d)
 
 
-_VOCABS = {}
-
-
 def vocabulary(config):
-  """The data's vocabulary, `data.vocab.Vocabulary` (loaded once per spec)."""
-  from instructrl.data import pipeline  # pylint: disable=g-import-not-at-top
-  key = (config.data.vocab, config.data.cache_dir or None)
-  if key not in _VOCABS:
-    _VOCABS[key] = pipeline.resolve_vocab(*key)
-  return _VOCABS[key]
+  """The data's vocabulary, `data.vocab.Vocabulary` (loaded once per spec;
+  data.vocab "hf" is config.hf_model's tokenizer)."""
+  return pretrained.vocabulary(config)
+
+
+# Stages whose export an init may name.
+STAGE_EXPORTS = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 
 
 def special_ids(config) -> dict:
@@ -82,15 +85,23 @@ def load_model(workdir: str, stage: str, model_cls, cfg: ModelConfig, mesh):
   return graphdef, loop.load_export(workdir, stage, abs_params, shardings), shardings
 
 
-def init_params(config, workdir, stage: str, model_cls, cfg: ModelConfig, mesh):
-  """Params from a finished stage ("pretrain", "sft", "rm"), a path, or "none".
+def init_params(config, workdir, stage: str, model_cls, cfg: ModelConfig, mesh,
+                key: str = "init", default: str = "none"):
+  """Params from config.<section>.<key>: a finished stage ("pretrain",
+  "sft", "rm", ...), an orbax params path, a Hugging Face directory
+  ("hf:DIR", or "hf" for the run's own `hf_model`/`hf_rm_model`), or
+  "none" (None: fresh parameters).
 
-  Its shape was checked by `validate.check_stage` (`check_init_shape`).
+  Its shape was checked by `validate` (`check_init_shape`, `pretrained.check`).
   """
-  init = config[stage].init
+  section = "ppo" if stage in ("ppo", "ppo_ptx") else stage
+  reward = model_cls is ScalarModel
+  init = pretrained.resolve_init(config, section, key, default, reward)
   if init in ("", "none"):
     return None
-  if init in ("pretrain", "sft", "rm"):
+  if init.startswith("hf:"):
+    return pretrained.load_init(f"{section}.{key}", init, cfg, mesh, reward)
+  if init in STAGE_EXPORTS:
     src_cls = ScalarModel if init == "rm" else LanguageModel
     _, src, _ = load_model(workdir, init, src_cls, cfg, mesh)
   else:

@@ -113,8 +113,9 @@ def run(config, workdir: str, mesh, stage: str) -> dict:
                              sc.seq_len, config.seed)
   if stage == "pretrain":
     num_steps = sc.steps
-  else:
-    num_steps = int(np.ceil(sc.epochs * train_it.batches_per_epoch))
+  else:  # config.sft.steps > 0 overrides the epochs.
+    num_steps = sc.get("steps", 0) or int(np.ceil(sc.epochs *
+                                                  train_it.batches_per_epoch))
   p = build(config, mesh, stage, num_steps)
   if p.rows > sc.batch_size:
     train_it = sft_extras.mixed_batches(train_it, inputs.iterator(

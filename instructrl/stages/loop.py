@@ -165,7 +165,7 @@ def _train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn,
   rng = jax.random.key(lc.seed)
   step = int(jax.device_get(state["step"]))
   start, start_step = time.monotonic(), step
-  last, stop = {}, None
+  last, stop, peer_lost = {}, None, False
   try:
     while step < lc.num_steps and stop is None:
       batch = mesh_lib.put_batch(next(batches), mesh)
@@ -202,11 +202,18 @@ def _train_loop(lc: LoopConfig, workdir: str, *, state, shardings, step_fn,
       if best_step is not None and best_step != step:
         ckpt.wait()
         best_params = ckpt.restore(best_step, abstract_state=target)[0]["params"]
+  except jax.errors.JaxRuntimeError:
+    # A collective failed in a multi-process run: a peer is gone, and
+    # orbax's commit of pending saves waits for it until jax's heartbeat
+    # timeout aborts this process, so main could not say which was lost.
+    peer_lost = jax.process_count() > 1
+    raise
   finally:
     # Also when halting on a NaN loss: the pending async saves hold good
     # states; without this wait the interpreter exits mid-save and the
     # latest good checkpoint is lost (left as a tmp dir).
-    ckpt.close()
+    if not peer_lost:
+      ckpt.close()
     writer.close()
     progress.close()
   if stop is not None:

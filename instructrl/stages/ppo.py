@@ -2,10 +2,12 @@
 
 Per iteration the host feeds one batch of prompts (and, for PPO-ptx, the
 pretraining rows) and logs; the rollout (sample, score, reference and value
-passes, GAE; `rl.rollout`) is one compiled program and the learner (epochs x
+passes, GAE; `rl.rollout`) is one compiled program (three with
+`ppo.sampling_layout`: `stages.ppo_sampling`) and the learner (epochs x
 minibatches; `rl.learner`) another. The policy and the frozen reference
-start from the SFT export; the value model starts from the RM export (the
-paper, Section 3.5). `build` makes both programs (and the state's
+start from `ppo.init` (default: the SFT export), the RM and the value model
+from `ppo.rm_init` (default: the RM export), the paper's Section 3.5; either
+may be a Hugging Face directory ("hf:DIR", `stages.pretrained`). `build` makes both programs (and the state's
 initialiser) with abstract arguments; `run` loads the exports and loops.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ from instructrl.rl import rollout as rollout_lib
 from instructrl.stages import inputs
 from instructrl.stages import lm
 from instructrl.stages import loop
+from instructrl.stages import ppo_sampling
 from instructrl.stages.validate import check_stage
 
 PROMPT_BATCH = {"prompt_tokens": jnp.int32, "prompt_mask": bool, "prompt_id": jnp.int32}
@@ -41,7 +44,9 @@ class Programs:
   prompts, key) -> (Experience, metrics)` and `learn(state, exp, ptx, rng,
   rollout_kl) -> (state, metrics)` are `mesh_lib.Program`s; the rollout's
   key and the learner's come apart from the run's `rng`
-  (`learner.iteration_keys`).
+  (`learner.iteration_keys`). With `ppo.sampling_layout` k >= 1 the rollout
+  is three programs instead (`stages.ppo_sampling`): `rollout` is None and
+  `sampling` holds reshard, sample and score; `rollout_fn` runs either.
   """
   cfg: ModelConfig
   rm_cfg: ModelConfig
@@ -49,8 +54,20 @@ class Programs:
   shardings: dict  # Of the PPO state (rl.learner's docstring).
   ptx_coef: float
   init: mesh_lib.Jitted
-  rollout: mesh_lib.Program
+  rollout: mesh_lib.Program | None
   learn: mesh_lib.Program
+  sampling: dict | None = None  # reshard, sample, score (sampling_layout >= 1).
+
+  def rollout_programs(self) -> dict:
+    """The rollout's programs by name, in the order they run."""
+    return dict(self.sampling) if self.sampling else {"rollout": self.rollout}
+
+  def rollout_fn(self):
+    """`(frozen, state, prompts, key) -> (Experience, metrics)`, either layout."""
+    if not self.sampling:
+      return self.rollout.fn
+    return ppo_sampling.chain(*(self.sampling[k].fn
+                                for k in ("reshard", "sample", "score")))
 
 
 def learner_config(config, stage: str) -> learner.PPOConfig:
@@ -147,7 +164,14 @@ def build(config, mesh, stage: str) -> Programs:
   b, l, n = sc.batch_size, sc.prompt_len, sc.max_new_tokens
   prompts = {k: lm.abstract_rows(mesh, (b,) + ((l,) if k != "prompt_id" else ()), dt)
              for k, dt in PROMPT_BATCH.items()}
-  rollout = jit_rollout(graphdefs, rollout_config(config), frozen_sh, state_sh, mesh)
+  rc, k = rollout_config(config), sc.get("sampling_layout", 0)
+  rollout = sampling = None
+  if k:
+    sampling = ppo_sampling.programs(graphdefs, rc, abs_lm, frozen, state, prompts,
+                                     key, mesh, k)
+  else:
+    rollout = mesh_lib.Program(jit_rollout(graphdefs, rc, frozen_sh, state_sh, mesh),
+                               (frozen, state, prompts, key))
   pc = learner_config(config, stage)
   ptx = None
   if pc.ptx_coef:
@@ -156,15 +180,15 @@ def build(config, mesh, stage: str) -> Programs:
   learn = jit_learn(graphdefs, txs, pc, state_sh, mesh)
   kl = jax.ShapeDtypeStruct((), jnp.float32, sharding=rep)
   return Programs(
-      cfg, rm_cfg, graphdefs, state_sh, pc.ptx_coef, init,
-      mesh_lib.Program(rollout, (frozen, state, prompts, key)),
-      mesh_lib.Program(learn, (state, _experience(mesh, b, l, n), ptx, key, kl)))
+      cfg, rm_cfg, graphdefs, state_sh, pc.ptx_coef, init, rollout,
+      mesh_lib.Program(learn, (state, _experience(mesh, b, l, n), ptx, key, kl)),
+      sampling)
 
 
 def resident_bytes(p: Programs) -> float:
   """Bytes per device of every model's state, which stays in HBM while either
   program runs (a program's arguments hold only what it reads)."""
-  frozen, state = p.rollout.args[:2]
+  frozen, state = (p.rollout or p.sampling["score"]).args[:2]
   return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
              for x in jax.tree.leaves((frozen, state)))
 
@@ -178,10 +202,13 @@ def run(config, workdir: str, mesh, stage: str) -> dict:
   sc = config.ppo
   t0 = time.monotonic()
   p = build(config, mesh, stage)
-  frozen = {"ref": inputs.load_model(workdir, "sft", LanguageModel, p.cfg, mesh)[1],
-            "rm": inputs.load_model(workdir, "rm", ScalarModel, p.rm_cfg, mesh)[1]}
+  # ppo.init (default: the SFT export) and ppo.rm_init (the RM's), e.g. "hf:DIR".
+  frozen = {"ref": inputs.init_params(config, workdir, stage, LanguageModel, p.cfg,
+                                      mesh, "init", "sft"),
+            "rm": inputs.init_params(config, workdir, stage, ScalarModel, p.rm_cfg,
+                                     mesh, "rm_init", "rm")}
   state = p.init(frozen["ref"], frozen["rm"])
-  rollout, learn = p.rollout.fn, p.learn.fn
+  rollout, learn = p.rollout_fn(), p.learn.fn
 
   def step_fn(state, batch, rng):
     # `learn` derives its own key from the run's (iteration_keys(...)[1]).

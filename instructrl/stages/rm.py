@@ -57,10 +57,11 @@ def build(config, mesh, stage: str = "rm", num_steps: int | None = None) -> lm.P
 
 
 def demo_score_mean(config, graphdef, params, mesh, seq_len) -> float:
-  """Mean RM score of the training demonstrations (prompt + reference)."""
+  """Mean RM score of the training demonstrations (prompt + reference) of
+  `rm.demo_data` ("": the SFT data)."""
   sc = config.rm
-  it = inputs.iterator(config, "sft", sc.demo_data, "train", sc.batch_size * 4,
-                       seq_len, config.seed, infinite=False)
+  it = inputs.iterator(config, "sft", sc.demo_data or config.sft.data, "train",
+                       sc.batch_size * 4, seq_len, config.seed, infinite=False)
 
   def fn(p, batch):
     # SFT rows hold inputs x[:-1] and targets x[1:]; the RM reads the whole
@@ -93,7 +94,7 @@ def run(config, workdir: str, mesh, stage: str = "rm") -> dict:
     spec = rm_data.data_spec(workdir)
   it = inputs.iterator(config, "rm", spec, "train", sc.batch_size, sc.seq_len,
                        config.seed, groups=train_groups if held >= 0 else None)
-  num_steps = int(np.ceil(sc.epochs * it.batches_per_epoch))
+  num_steps = sc.get("steps", 0) or int(np.ceil(sc.epochs * it.batches_per_epoch))
   p = build(config, mesh, stage, num_steps)
   init = inputs.init_params(config, workdir, "rm", ScalarModel, p.cfg, mesh)
   _, state, _ = steps.create_train_state(ScalarModel, p.cfg, p.tx, mesh, config.seed,

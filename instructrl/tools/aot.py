@@ -16,7 +16,10 @@ drift from a run):
   sft        stages.lm.build(...).train      steps.train_step, config.sft
   rm         stages.rm.build(...).train      Eq. 1, config.rm_model's shape
   ppo_learn  stages.ppo.build(...).learn     epochs x minibatches of PPO-ptx
-  rollout    stages.ppo.build(...).rollout   sampler, reference, RM, values
+  rollout    stages.ppo.build(...).rollout   sampler, reference, RM, values;
+             with ppo.sampling_layout k >= 1 its three programs instead:
+             rollout:reshard (policy to the sampling mesh), rollout:sample,
+             rollout:score (stages.ppo_sampling)
 "model" FLOPs (what MFU is defined against) count the matmuls of the useful
 passes, remat recompute not included. XLA's `cost_analysis` counts a loop
 body once (one layer under scan_layers), so its FLOPs are printed beside the
@@ -26,6 +29,10 @@ chip's KV cache from HBM. The interconnect: every collective of the compiled
 HLO, times its loops' trip counts (`tools.hlo_comm`), in bytes per chip and
 as seconds at the chip's bidirectional ICI bandwidth (a lower bound); for
 the rollout also per generated token.
+
+The rollout needs the vocabulary's EOS and PAD ids (constants in the
+program, nothing else): where the config's tokenizer file is absent, pass
+`--config.data.vocab=byte`; the shapes stay (`model.vocab_size` is explicit).
 """
 from __future__ import annotations
 
@@ -125,6 +132,9 @@ class Planned:
   # PPO: bytes per chip of every model's state, which stays in HBM while
   # either program runs (a program's arguments hold only what it reads).
   resident_bytes: float = 0.0
+  # Bytes of the program's arguments that are part of that state (None: all;
+  # the sample program of the sampling layout takes none of it).
+  args_resident: float | None = None
 
 
 def forward_flops(cfg: ModelConfig, tokens: float, context: float,
@@ -153,10 +163,20 @@ def _ppo_programs(config, mesh, p: ppo.Programs) -> list[Planned]:
   shape = dict(mesh.shape)  # Decode floor: see the module docstring.
   kv = (cfg.num_layers * b * t * 2 * cfg.kv_heads * cfg.dim_per_head * 2
         / math.prod(shape.values()))
-  weights = cfg.num_params() * 2 / shape["tensor"]
+  k = sc.get("sampling_layout", 0)
+  weights = cfg.num_params() * 2 / (shape["tensor"] * max(k, 1))
   resident = ppo.resident_bytes(p)
-  return [Planned("ppo_learn", p.learn, sc.epochs * learn, resident_bytes=resident),
-          Planned("rollout", p.rollout, sample, weights + kv, n, resident)]
+  out = [Planned("ppo_learn", p.learn, sc.epochs * learn, resident_bytes=resident)]
+  if not k:
+    return out + [Planned("rollout", p.rollout, sample, weights + kv, n, resident)]
+  decode = forward_flops(cfg, b * l, t) + forward_flops(cfg, b * n, t)
+  progs = p.sampling
+  return out + [
+      Planned("rollout:reshard", progs["reshard"], 0.0, resident_bytes=resident),
+      Planned("rollout:sample", progs["sample"], decode, weights + kv, n, resident,
+              args_resident=0.0),
+      Planned("rollout:score", progs["score"], sample - decode,
+              resident_bytes=resident)]
 
 
 def build_programs(config, mesh, names) -> list[Planned]:
@@ -174,9 +194,8 @@ def build_programs(config, mesh, names) -> list[Planned]:
     else:
       if ppo_planned is None:
         stage = "ppo" if config.stage == "ppo" else "ppo_ptx"
-        ppo_planned = dict((q.name, q) for q in _ppo_programs(
-            config, mesh, ppo.build(config, mesh, stage)))
-      out.append(ppo_planned[name])
+        ppo_planned = _ppo_programs(config, mesh, ppo.build(config, mesh, stage))
+      out += [q for q in ppo_planned if q.name.split(":")[0] == name]
   return out
 
 
@@ -208,7 +227,8 @@ def compile_program(p: Planned, spec: dict, mfu: float) -> dict:
              temp_bytes=m.temp_size_in_bytes, total_bytes=total,
              xla_flops_per_chip=cost.get("flops"))
   if p.resident_bytes:  # Plus the state this program does not take.
-    total += max(0.0, p.resident_bytes - m.argument_size_in_bytes)
+    taken = m.argument_size_in_bytes if p.args_resident is None else p.args_resident
+    total += max(0.0, p.resident_bytes - taken)
     row.update(resident_bytes=p.resident_bytes, peak_bytes=total)
   row["fits"] = total <= spec["hbm"]
   row.update(interconnect(compiled.as_text(), p, spec))
@@ -249,6 +269,8 @@ def plan(config, programs=None, mfu: float = 0.4, devices=None) -> list[dict]:
     raise ValueError(f"unknown program(s) {sorted(unknown)}; known: {PROGRAMS}")
   common = dict(topology=config.tpu.topology, mesh=dict(mesh.shape), mfu=mfu,
                 **{k: spec[k] for k in ("chip", "chips", "devices", "hbm")})
+  if "ppo" in config:
+    common["sampling_layout"] = config.ppo.get("sampling_layout", 0)
   rows = []
   for p in build_programs(config, mesh, names):
     rows.append(dict(common, **compile_program(p, spec, mfu)))

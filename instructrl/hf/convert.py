@@ -7,7 +7,7 @@
 
 Families and their switches: `architectures`; tensor names: `layouts`; the file
 format: `safetensors_io`. Every error is a DataError (a bad or unsupported
-file: one line naming it and the field) or a ConfigError (a model config no
+file: one line naming it and the field) or a FamilyError (a model config no
 Hugging Face family represents).
 
 Reward models. transformers' *ForSequenceClassification scores with a
@@ -36,12 +36,14 @@ from instructrl import mesh as mesh_lib
 from instructrl.data.common import DataError
 from instructrl.model import LanguageModel, ModelConfig, ScalarModel
 from instructrl.model.sharded import abstract
-from instructrl.tools.hf import architectures, layouts
-from instructrl.tools.hf.safetensors_io import read_checkpoint, write_checkpoint
+from instructrl.hf import architectures, layouts
+from instructrl.hf.safetensors_io import read_checkpoint, write_checkpoint
 
 REWARD_BIAS_KEY = "instructrl_reward_bias"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-                    "special_tokens_map.json", "generation_config.json")
+                    "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                    "merges.txt", "chat_template.jinja", "chat_template.json",
+                    "generation_config.json")
 
 
 def read_hf_config(path: str) -> dict:
@@ -111,7 +113,9 @@ class Pretrained:
     return nnx.merge(self.graphdef, self.params)
 
 
-def _load(path, mesh, overrides, reward: bool) -> Pretrained:
+def _read(path, overrides, reward: bool):
+  """(config.json, ModelConfig, our pure params as views of the files,
+  tensors' file): every name and shape checked, no weight read."""
   hf = read_hf_config(path)
   where_cfg = os.path.join(path, "config.json")
   fam, is_classifier = architectures.family_of(hf, where_cfg)
@@ -132,6 +136,18 @@ def _load(path, mesh, overrides, reward: bool) -> Pretrained:
     if not isinstance(bias, (int, float)):
       raise DataError(where_cfg, f"{REWARD_BIAS_KEY}={bias!r} is not a number")
     pure["bias"] = np.asarray(bias, np.float32)
+  return hf, cfg, pure, where
+
+
+def check_pretrained(path: str, *, reward: bool = False, **overrides) -> ModelConfig:
+  """The ModelConfig of a HF directory, after every check `load_pretrained`
+  (`reward`: `load_reward_model`) makes, reading only config.json and the
+  safetensors headers: what a run validates before it writes anything."""
+  return _read(path, overrides, reward)[1]
+
+
+def _load(path, mesh, overrides, reward: bool) -> Pretrained:
+  hf, cfg, pure, where = _read(path, overrides, reward)
   model_cls = ScalarModel if reward else LanguageModel
   graphdef, params = _place(pure, cfg, model_cls, mesh, where)
   return Pretrained(cfg, graphdef, params, hf, path)
@@ -170,6 +186,13 @@ def hf_tensors(cfg: ModelConfig, params) -> dict[str, np.ndarray]:
   return layouts.hf_from_ours(cfg, jax.tree.map(_host, nnx.to_pure_dict(params)))
 
 
+def generation_config(hf: dict) -> dict:
+  """generation_config.json from config.json's token ids (what `generate`
+  stops and pads with), for a directory that had none."""
+  return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+          if hf.get(k) is not None}
+
+
 def _write(path: str, hf: dict, tensors: dict, tokenizer_dir: str | None,
            max_shard_bytes: int | None):
   os.makedirs(path, exist_ok=True)
@@ -181,6 +204,10 @@ def _write(path: str, hf: dict, tensors: dict, tokenizer_dir: str | None,
     if os.path.exists(src) and os.path.abspath(src) != os.path.abspath(
         os.path.join(path, name)):
       shutil.copyfile(src, os.path.join(path, name))
+  gen = os.path.join(path, "generation_config.json")
+  if not os.path.exists(gen):
+    with open(gen, "w") as f:
+      json.dump(generation_config(hf), f, indent=2, sort_keys=True)
 
 
 def save_pretrained(path: str, cfg: ModelConfig, params, *,

@@ -13,7 +13,11 @@ import dataclasses
 
 from instructrl.data.common import DataError
 from instructrl.model import ModelConfig
-from instructrl.stages.errors import ConfigError
+
+
+class FamilyError(ValueError):
+  """A model config that no Hugging Face family represents (an export's
+  mistake, not the file's: the stages report it as one line, exit 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,13 +234,13 @@ def family_for(cfg: ModelConfig, hint: str | None = None) -> Family:
   checkpoint's model_type, when it can)."""
   if cfg.style == "gpt":
     if cfg.kv_heads != cfg.num_heads or cfg.dim_per_head * cfg.num_heads != cfg.d_model:
-      raise ConfigError("GPT-2 format needs num_kv_heads == num_heads and "
+      raise FamilyError("GPT-2 format needs num_kv_heads == num_heads and "
                         "head_dim == d_model / num_heads")
     return FAMILIES["gpt2"]
   n = _needs(cfg)
   gemma = any(n["gemma"])
   if gemma and not all(n["gemma"]):
-    raise ConfigError("model: no Hugging Face family has only some of norm_plus_one, "
+    raise FamilyError("model: no Hugging Face family has only some of norm_plus_one, "
                       "embed_scale, post_norms and mlp_act='gelu_tanh'")
   local = cfg.rope_local_theta is not None
   fits = {
@@ -253,7 +257,7 @@ def family_for(cfg: ModelConfig, hint: str | None = None) -> Family:
   }
   names = [k for k, ok in fits.items() if ok]
   if not names:
-    raise ConfigError("model: no supported Hugging Face family represents this "
+    raise FamilyError("model: no supported Hugging Face family represents this "
                       f"model config ({cfg})")
   return FAMILIES[hint if hint in names else names[0]]
 
