@@ -177,7 +177,8 @@ LOST_S = 5  # --lost_process_timeout_s in the test (default 120).
 LONG = ("--config.pretrain.steps=10", f"--lost_process_timeout_s={LOST_S}")
 
 
-def _start_pair(workdir, logs) -> list[subprocess.Popen]:
+def _start_pair(workdir, logs, args=(*ARGS, *LONG)) -> list[subprocess.Popen]:
+  """Two processes of `instructrl.main` with `args`, 4 CPU devices each."""
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
              XLA_FLAGS="--xla_force_host_platform_device_count=4")
@@ -188,7 +189,7 @@ def _start_pair(workdir, logs) -> list[subprocess.Popen]:
     with open(logs / f"p{i}.txt", "ab") as log:
       procs.append(subprocess.Popen(
           [sys.executable, "-m", "instructrl.main", f"--workdir={workdir}",
-           *ARGS, *LONG, f"--coordinator_address=127.0.0.1:{port}",
+           *args, f"--coordinator_address=127.0.0.1:{port}",
            "--num_processes=2", f"--process_id={i}"],
           cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
   return procs
@@ -272,20 +273,7 @@ GRACE_S = 30.0  # GCE spot VMs and SLURM's default KillWait.
 
 
 def _start_sft_pair(workdir, logs) -> list[subprocess.Popen]:
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  for var in distributed.ENV.values():
-    env.pop(var, None)
-  procs = []
-  for i in range(2):
-    with open(logs / f"p{i}.txt", "ab") as log:
-      procs.append(subprocess.Popen(
-          [sys.executable, "-m", "instructrl.main", f"--workdir={workdir}",
-           *SFT_ARGS, f"--coordinator_address=127.0.0.1:{port}",
-           "--num_processes=2", f"--process_id={i}"],
-          cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-  return procs
+  return _start_pair(workdir, logs, SFT_ARGS)
 
 
 def _sft_records(workdir) -> dict[int, dict]:
